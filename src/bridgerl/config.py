@@ -1,0 +1,300 @@
+"""The one config tree. YAML + `a.b.c=value` overrides; unknown keys, wrong types and impossible
+combinations are refused before any model loads, with the key path and what is allowed."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Strict):
+    r: int = Field(8, gt=0)
+    alpha: int = 16
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: Union[str, list[str]] = "all-linear"
+
+
+class ModelConfig(Strict):
+    path: str = Field(..., description="local HF folder or hub id")
+    gguf_file: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    lora: LoraConfig | None = None
+
+
+class ReferenceConfig(Strict):
+    path: str | None = Field(None, description="None: a copy of the initial policy")
+    sync: Literal["never", "with_generator"] = "never"
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(1.0, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    max_new_tokens: int = Field(64, gt=0)
+
+
+class RolloutConfig(SamplingConfig):
+    sync_every: int = Field(1, ge=0, description="1 online, k semi-online, 0 never (offline)")
+    n: int = Field(8, ge=2, description="samples per prompt")
+    engine: Literal["hf"] = "hf"
+    batch_size: int = Field(256, gt=0, description="sequences per generation call")
+
+
+class OPTuneConfig(Strict):
+    kind: Literal["optune"] = "optune"
+    rho: float = Field(0.5, ge=0, le=1, description="fraction of prompts regenerated per round")
+    key: Literal["chosen_reward", "reward_gap", "random"] = Field(
+        "chosen_reward", description="regenerate the lowest-key prompts; random is the same-count baseline")
+    beta2: float = Field(1.0, ge=0, description="wDPO gap scale; 0 = plain DPO")
+    weighting: Literal["softmax", "sigmoid", "linear", "none"] = "softmax"
+    normalize: Literal["zscore", "mean", "none"] = "zscore"
+
+
+class DPOConfig(Strict):
+    name: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0)
+    pairs: Literal["auto", "random", "best_worst"] = Field(
+        "auto", description="auto: random correct-vs-incorrect for binary tasks, best-vs-worst otherwise")
+    group: bool = Field(False, description="GroupDPO: average over all better-vs-worse pairs")
+    nll_coef: float = Field(0.0, ge=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    length_normalize: bool = False
+    reduction: Literal["mean", "sum"] = "mean"
+    exploration: OPTuneConfig | None = None
+
+
+class GRPOConfig(Strict):
+    name: Literal["grpo"] = "grpo"
+    beta: float = Field(0.001, ge=0, description="k3 KL coefficient; 0 skips the reference model")
+    normalize_std: bool = True
+    aggregation: Literal["sum", "token_mean", "seq_mean"] = "sum"
+    updates_per_batch: int = Field(1, ge=1)
+    importance: Literal["clip", "truncate"] = "clip"
+    clip_eps: float = Field(0.2, gt=0)
+    truncate_max: float = Field(2.0, gt=1)
+    reward_shaping: Literal["none", "variance_increase"] = "none"
+    shaping_probs: Literal["reference", "uniform"] = "reference"
+
+
+AlgoConfig = Annotated[Union[DPOConfig, GRPOConfig], Field(discriminator="name")]
+
+
+class TaskRewardConfig(Strict):
+    kind: Literal["math", "python", "model", "reasoning_gym"]
+    function: str | None = Field(None, description="module:function, for kind=python")
+    path: str | None = Field(None, description="reward model folder or hub id, for kind=model")
+    binary: bool | None = Field(None, description="None: true for math and reasoning_gym")
+    low: float | None = Field(None, description="known reward range (GRPOVI bounds)")
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.kind == "python" and not self.function:
+            raise ValueError("kind=python needs 'function: module:function'")
+        if self.kind == "model" and not self.path:
+            raise ValueError("kind=model needs 'path' to a reward model")
+        return self
+
+    @property
+    def is_binary(self) -> bool:
+        return self.binary if self.binary is not None else self.kind in ("math", "reasoning_gym")
+
+
+class RewardsConfig(Strict):
+    tasks: dict[str, TaskRewardConfig] = Field(default_factory=lambda: {"arithmetic": TaskRewardConfig(kind="math")})
+    failure_score: float = 0.0
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class EfficacyConfig(Strict):
+    scorer: Literal["file", "loss", "pass_rate"] = "file"
+    scores_file: str | None = None
+    select: Literal["all", "top_ratio", "threshold"] = "all"
+    ratio: float = Field(1.0, gt=0, le=1)
+    threshold: float = 0.0
+    order: Literal["shuffle", "sorted", "folding"] = "folding"
+    folds: int = Field(3, ge=1)
+
+
+class DataConfig(Strict):
+    train: str = Field("builtin:arithmetic", description="jsonl path, datasets folder/id, or builtin:<task>")
+    eval: str | None = Field(None, description="None: the built-in task's held-out split")
+    num_train: int = Field(2000, gt=0, description="rows generated for builtin tasks")
+    num_eval: int = Field(128, gt=0)
+    prompts_per_step: int = Field(8, gt=0)
+    default_task: str | None = None
+    efficacy: EfficacyConfig | None = None
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-5, gt=0)
+    adam_eps: float = Field(1e-8, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    grad_clip: float = Field(1.0, ge=0, description="0 = off")
+
+
+class TrainConfig(Strict):
+    steps: int = Field(100, gt=0)
+    seed: int = 0
+    out_dir: str = "runs/default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    micro_batch: int = Field(64, gt=0, description="sequences per forward/backward; accumulates to the step")
+    checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    save_final: bool = True
+
+
+class EvalConfig(SamplingConfig):
+    every: int = Field(0, ge=0, description="0 = only at the end")
+    temperature: float = Field(0.0, ge=0)
+    max_prompts: int = Field(128, gt=0)
+    at_start: bool = True
+
+
+class LogConfig(Strict):
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "bridgerl"
+    progress: bool = True
+
+
+class PathwaysMonitorConfig(Strict):
+    every: int = Field(10, gt=0)
+    probe_samples: int = Field(32, gt=0)
+    tau: float = Field(0.7, gt=0, lt=1)
+
+
+class MonitorConfig(Strict):
+    pathways: PathwaysMonitorConfig | None = None
+
+
+class Config(Strict):
+    model: ModelConfig
+    reference: ReferenceConfig = ReferenceConfig()
+    algo: AlgoConfig = DPOConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()
+    monitor: MonitorConfig = MonitorConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        if self.reference.sync == "with_generator" and self.rollout.sync_every == 0:
+            raise ValueError("reference.sync=with_generator never fires when rollout.sync_every=0 (offline); "
+                             "use reference.sync=never or a sync_every >= 1")
+        if isinstance(self.algo, DPOConfig) and self.algo.exploration is not None and self.algo.group:
+            raise ValueError("algo.exploration (OPTune) keeps one pair per prompt; it cannot be combined with algo.group=true")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config the user must fix; the message names the key path and what is allowed."""
+
+
+def _fields_at(model_cls: type[BaseModel] | None, path: tuple) -> tuple[type[BaseModel] | None, list[str]]:
+    """Walk the model tree along `path` to the model class there and its field names."""
+    cls = model_cls
+    for part in path:
+        if cls is None or not isinstance(part, str) or part not in cls.model_fields:
+            return None, []
+        ann = cls.model_fields[part].annotation
+        cls = _model_in(ann)
+    return cls, (list(cls.model_fields) if cls else [])
+
+
+def _model_in(ann) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found:
+            return found
+    return None
+
+
+def _explain(err: ValidationError, raw: dict) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("dpo", "grpo") and e["loc"][0] == "algo"))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = loc[:-1]
+            cls = Config
+            if parent and parent[0] == "algo":
+                name = (raw.get("algo") or {}).get("name", "dpo")
+                cls_algo = GRPOConfig if name == "grpo" else DPOConfig
+                cls, allowed = _fields_at(cls_algo, parent[1:])
+            else:
+                cls, allowed = _fields_at(Config, parent)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"; did you mean '{'.'.join(map(str, parent + (close[0],)))}'?" if close else ""
+            lines.append(f"unknown config key '{key}'{hint} Allowed here: {', '.join(allowed)}")
+        elif e["type"] == "literal_error":
+            lines.append(f"config key '{key}' = {e.get('input')!r}: {e['msg'].replace('Input should be', 'allowed values are')}")
+        elif e["type"] == "union_tag_invalid":
+            tag = (e.get("ctx") or {}).get("tag")
+            lines.append(f"config key '{key}.name' = {tag!r}: allowed values are {(e.get('ctx') or {}).get('expected_tags')}")
+        elif not loc or e["type"] == "value_error":
+            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "missing":
+            lines.append(f"config key '{key}' is required")
+        else:
+            lines.append(f"config key '{key}' = {e.get('input')!r}: {e['msg']}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like a.b.c=value")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{k}' holds a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+    """Read YAML (or start from `base`), apply overrides, validate."""
+    raw: dict = dict(base or {})
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw.update(loaded)
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, raw)) from None
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,145 @@
+"""The Hugging Face sampling engine: batched, left-padded, KV-cached, one prefill per prompt.
+
+Each prompt is prefilled once and its cache repeated n times; rows that emit EOS leave the batch
+(their cache rows are dropped), so a step costs the tokens actually generated."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models import copy_weights_, frozen_copy
+from .types import Rollouts, concat_rollouts
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+                  rng: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] float → token ids [B]. temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the mass before it already exceeds top_p (the top token always stays).
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=rng).squeeze(1)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class HFGenerator:
+    """Samples from its own copy of the policy weights; `version` says which policy step they are."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 256, share_weights: bool = False):
+        # share_weights=True samples straight from the given module (used for evaluation).
+        self.model = model if share_weights else frozen_copy(model)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.version = 0
+        self.pad_id = tokenizer.pad_token_id
+        self.eos_ids = torch.tensor(sorted(_eos_ids(model, tokenizer)), dtype=torch.long)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def load_weights(self, policy: torch.nn.Module, version: int) -> None:
+        copy_weights_(self.model, policy)
+        self.version = version
+
+    def state_dict(self) -> dict:
+        return {"version": self.version, "weights": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["weights"])
+        self.version = state["version"]
+
+    def generate(self, prompts: list[list[int]], n: int, sampling, rng: torch.Generator | None = None) -> Rollouts:
+        per_call = max(1, self.batch_size // n)
+        parts = [self._generate(prompts[i:i + per_call], n, sampling, rng) for i in range(0, len(prompts), per_call)]
+        return concat_rollouts(parts, self.pad_id)
+
+    @torch.no_grad()  # not inference_mode: rollout tensors feed the autograd graph of the update
+    def _generate(self, prompts: list[list[int]], n: int, sampling, rng) -> Rollouts:
+        model, device = self.model, self.device
+        was_training = model.training
+        model.eval()
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id, device)
+        positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                    use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)
+        logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
+        mask = prompt_mask.repeat_interleave(n, dim=0)
+        next_pos = positions[:, -1].repeat_interleave(n, dim=0) + 1
+
+        S, T = len(prompts) * n, sampling.max_new_tokens
+        tokens = torch.full((S, T), self.pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros((S, T), dtype=torch.float32, device=device)
+        entropy = torch.zeros((S, T), dtype=torch.float32, device=device)
+        lengths = torch.full((S,), T, dtype=torch.long, device=device)
+        alive = torch.arange(S, device=device)  # rows still generating, in cache order
+        eos = self.eos_ids.to(device)
+        for t in range(T):
+            tok = sample_tokens(logits, sampling.temperature, sampling.top_p, sampling.top_k, rng)
+            tokens[alive, t] = tok
+            logp_all = logits.log_softmax(dim=-1)
+            logps[alive, t] = logp_all.gather(1, tok[:, None]).squeeze(1)
+            entropy[alive, t] = -(logp_all.exp() * logp_all).sum(dim=-1)
+            done = torch.isin(tok, eos)
+            if t == T - 1:
+                break
+            if done.any():
+                lengths[alive[done]] = t + 1
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                alive, tok, mask, next_pos = alive[keep], tok[keep], mask[keep], next_pos[keep]
+                cache.batch_select_indices(keep)
+            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                        past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+            next_pos = next_pos + 1
+        model.train(was_training)
+
+        completion_mask = (torch.arange(T, device=device)[None, :] < lengths[:, None]).long()
+        width = int(lengths.max().item())
+        completion_mask, tokens = completion_mask[:, :width], tokens[:, :width]
+        logps, entropy = logps[:, :width] * completion_mask, entropy[:, :width] * completion_mask
+        texts = self.tokenizer.batch_decode(tokens.masked_fill(completion_mask == 0, self.pad_id).cpu().tolist(),
+                                            skip_special_tokens=True)
+        return Rollouts(
+            prompt_ids=prompt_ids.repeat_interleave(n, dim=0),
+            prompt_mask=prompt_mask.repeat_interleave(n, dim=0),
+            completion_ids=tokens,
+            completion_mask=completion_mask,
+            gen_logprobs=logps,
+            gen_entropy=entropy,
+            versions=torch.full((S,), self.version, dtype=torch.long, device=device),
+            completions=texts,
+            n=n,
+        )
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    cfg_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if cfg_eos is not None:
+        ids.update(cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos])
+    return {i for i in ids if i is not None}

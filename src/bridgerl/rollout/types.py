@@ -1,0 +1,113 @@
+"""Rollouts as a typed batch, and the Generator protocol every engine implements."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Rollouts:
+    """S = prompts × n samples, grouped contiguously: rows [g*n, (g+1)*n) belong to prompt g.
+
+    Prompts are left-padded and completions right-padded, so every completion starts at column P
+    of the concatenation: log-probs of the completion are the last T+1 logits of one forward."""
+
+    prompt_ids: torch.Tensor  # [S, P] long, left-padded
+    prompt_mask: torch.Tensor  # [S, P] long
+    completion_ids: torch.Tensor  # [S, T] long, right-padded with pad
+    completion_mask: torch.Tensor  # [S, T] long, 1 up to and including EOS
+    gen_logprobs: torch.Tensor  # [S, T] float, log π_generator(token) at temperature 1
+    gen_entropy: torch.Tensor  # [S, T] float, entropy of π_generator at each step
+    versions: torch.Tensor  # [S] long, generator weights version that produced each sample
+    completions: list[str]  # S decoded completions (special tokens stripped)
+    n: int  # samples per prompt
+
+    @property
+    def num_groups(self) -> int:
+        return self.prompt_ids.shape[0] // self.n
+
+    @property
+    def lengths(self) -> torch.Tensor:  # [S]
+        return self.completion_mask.sum(dim=1)
+
+    def select(self, rows: torch.Tensor, n: int | None = None) -> "Rollouts":
+        """Rows by index (a copy), trimmed to the padding the chosen rows need."""
+        rows = rows.to(self.prompt_ids.device)
+        pm, cm = self.prompt_mask[rows], self.completion_mask[rows]
+        p_keep = int(pm.sum(dim=1).max().item()) if len(rows) else 0
+        t_keep = int(cm.sum(dim=1).max().item()) if len(rows) else 0
+        P = pm.shape[1]
+        return Rollouts(
+            prompt_ids=self.prompt_ids[rows][:, P - p_keep :],
+            prompt_mask=pm[:, P - p_keep :],
+            completion_ids=self.completion_ids[rows][:, :t_keep],
+            completion_mask=cm[:, :t_keep],
+            gen_logprobs=self.gen_logprobs[rows][:, :t_keep],
+            gen_entropy=self.gen_entropy[rows][:, :t_keep],
+            versions=self.versions[rows],
+            completions=[self.completions[i] for i in rows.tolist()],
+            n=n if n is not None else self.n,
+        )
+
+    def to(self, device) -> "Rollouts":
+        return Rollouts(**{f.name: (getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor)
+                                    else getattr(self, f.name)) for f in fields(self)})
+
+
+def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
+    """Stack rollouts of different padded widths (prompts pad left, completions pad right)."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p.prompt_ids.shape[1] for p in parts)
+    T = max(p.completion_ids.shape[1] for p in parts)
+
+    def left(x, width, value):
+        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+    def right(x, width, value):
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+    return Rollouts(
+        prompt_ids=torch.cat([left(p.prompt_ids, P, pad_id) for p in parts]),
+        prompt_mask=torch.cat([left(p.prompt_mask, P, 0) for p in parts]),
+        completion_ids=torch.cat([right(p.completion_ids, T, pad_id) for p in parts]),
+        completion_mask=torch.cat([right(p.completion_mask, T, 0) for p in parts]),
+        gen_logprobs=torch.cat([right(p.gen_logprobs, T, 0.0) for p in parts]),
+        gen_entropy=torch.cat([right(p.gen_entropy, T, 0.0) for p in parts]),
+        versions=torch.cat([p.versions for p in parts]),
+        completions=[c for p in parts for c in p.completions],
+        n=parts[0].n,
+    )
+
+
+class Generator(Protocol):
+    """A sampler holding its own copy of the weights."""
+
+    version: int
+
+    def load_weights(self, policy: torch.nn.Module, version: int) -> None: ...
+
+    def generate(self, prompts: list[list[int]], n: int, sampling, seed_generator: torch.Generator) -> Rollouts: ...
+
+
+def rollouts_from_tokens(prompts: list[list[int]], completions: list[list[int]], versions: list[int],
+                         pad_id: int, n: int, texts: list[str] | None = None) -> Rollouts:
+    """Rollouts rebuilt from stored token lists (e.g. OPTune's pair pool); no sampler statistics."""
+    S = len(prompts)
+    P = max(len(p) for p in prompts)
+    T = max(1, max(len(c) for c in completions))
+    prompt_ids = torch.full((S, P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((S, P), dtype=torch.long)
+    completion_ids = torch.full((S, T), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((S, T), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        prompt_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        prompt_mask[i, P - len(p):] = 1
+        if c:
+            completion_ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+            completion_mask[i, :len(c)] = 1
+    zeros = torch.zeros((S, T))
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, zeros, zeros.clone(),
+                    torch.tensor(versions, dtype=torch.long), texts or [""] * S, n)
