@@ -10,6 +10,8 @@ HELP = """bridgerl: RL post-training of language models, offline to online in on
 
   bridgerl train CONFIG.yaml [a.b=c ...] [--resume]   train a policy (DPO or GRPO) from a YAML config
   bridgerl eval MODEL --task builtin:arithmetic       held-out score of a model folder
+  bridgerl sft CONFIG|- [a.b=c ...]                   supervised fine-tuning (a seed policy)
+  bridgerl rm CONFIG|- [a.b=c ...]                    train a Bradley-Terry reward model
   bridgerl tiny OUT_DIR [--arch llama] [--size micro] build a tiny model + tokenizer folder (offline)
 
 Every config key can be overridden on the command line, e.g. rollout.sync_every=10 algo.beta=0.1.
@@ -59,6 +61,35 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from .config import ConfigError, SFTConfig, load_typed
+    from .train.sft import sft
+
+    try:
+        cfg = load_typed(SFTConfig, args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"bridgerl sft: {err}", file=sys.stderr)
+        return 2
+    _quiet_transformers()
+    print(f"[bridgerl] fine-tuned model written to {sft(cfg)}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from .config import ConfigError, RMConfig, load_typed
+    from .train.sft import train_reward_model
+
+    try:
+        cfg = load_typed(RMConfig, args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"bridgerl rm: {err}", file=sys.stderr)
+        return 2
+    _quiet_transformers()
+    path, metrics = train_reward_model(cfg)
+    print(f"[bridgerl] reward model written to {path}; held-out pair accuracy {metrics['rm/heldout_accuracy']:.3f}")
+    return 0
+
+
 def cmd_tiny(args) -> int:
     from .models import make_tiny_model
 
@@ -91,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="a.b.c=value overrides")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("sft", help="supervised fine-tuning (loss on the completion only)",
+                       description="Fine-tune a causal LM. Example: bridgerl sft - model.path=runs/tiny steps=300")
+    p.add_argument("config", nargs="?", help="YAML SFT config, or '-' for overrides only")
+    p.add_argument("overrides", nargs="*", help="a.b.c=value overrides")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("rm", help="train a Bradley-Terry reward model on preference pairs",
+                       description="Train a reward model. Example: bridgerl rm - model.path=runs/tiny data=builtin:preference")
+    p.add_argument("config", nargs="?", help="YAML RM config, or '-' for overrides only")
+    p.add_argument("overrides", nargs="*", help="a.b.c=value overrides")
+    p.set_defaults(func=cmd_rm)
+
     p = sub.add_parser("tiny", help="write a tiny model + tokenizer folder (no download)")
     p.add_argument("out_dir")
     p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "olmoe", "qwen2_moe"])
@@ -103,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None) == "-":
+        args.config = None
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

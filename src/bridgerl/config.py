@@ -227,20 +227,20 @@ def _model_in(ann) -> type[BaseModel] | None:
     return None
 
 
-def _explain(err: ValidationError, raw: dict) -> str:
+def _explain(err: ValidationError, raw: dict, root: type[BaseModel] | None = None) -> str:
+    root = root or Config
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("dpo", "grpo") and e["loc"][0] == "algo"))
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             parent = loc[:-1]
-            cls = Config
             if parent and parent[0] == "algo":
                 name = (raw.get("algo") or {}).get("name", "dpo")
                 cls_algo = GRPOConfig if name == "grpo" else DPOConfig
                 cls, allowed = _fields_at(cls_algo, parent[1:])
             else:
-                cls, allowed = _fields_at(Config, parent)
+                cls, allowed = _fields_at(root, parent)
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f"; did you mean '{'.'.join(map(str, parent + (close[0],)))}'?" if close else ""
             lines.append(f"unknown config key '{key}'{hint} Allowed here: {', '.join(allowed)}")
@@ -290,6 +290,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         raw.update(loaded)
     raw = apply_overrides(raw, list(overrides or []))
+    if isinstance(raw.get("algo"), dict):
+        raw["algo"].setdefault("name", "dpo")  # the union's default member
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
@@ -298,3 +300,49 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+class SFTDataConfig(Strict):
+    train: str = Field("builtin:arithmetic", description="jsonl (prompt+completion or messages), dataset, or builtin:<task>")
+    num_train: int = Field(2000, gt=0)
+    efficacy: EfficacyConfig | None = None
+
+
+class SFTConfig(Strict):
+    """Supervised fine-tuning: loss on the completion tokens only."""
+    model: ModelConfig
+    data: SFTDataConfig = SFTDataConfig()
+    optim: OptimConfig = OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=10)
+    steps: int = Field(300, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_length: int = Field(256, gt=0)
+    seed: int = 0
+    out_dir: str = "runs/sft"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = Field(10, gt=0)
+
+
+class RMConfig(Strict):
+    """Bradley–Terry reward model on (prompt, chosen, rejected) rows."""
+    model: ModelConfig
+    data: str = Field("builtin:preference", description="jsonl with prompt/chosen/rejected, or builtin:preference")
+    num_train: int = Field(1000, gt=0)
+    optim: OptimConfig = OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=10)
+    steps: int = Field(200, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_length: int = Field(128, gt=0)
+    seed: int = 0
+    out_dir: str = "runs/rm"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+def load_typed(cls: type[BaseModel], path: str | Path | None, overrides: list[str] | None = None):
+    """Like load_config, for the other command trees (SFTConfig, RMConfig)."""
+    raw: dict = {}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, raw, cls)) from None

@@ -77,8 +77,8 @@ def build_rewarder(cfg: Config, device: torch.device):
                         default_task=cfg.data.default_task)
 
 
-def lr_lambda(cfg: Config):
-    o, total = cfg.optim, cfg.train.steps
+def lr_lambda_for(o, total: int):
+    """Warm-up, then constant, linear or cosine decay over `total` steps."""
 
     def factor(step: int) -> float:
         if o.warmup_steps and step < o.warmup_steps:
@@ -160,7 +160,7 @@ def build_run(cfg: Config) -> Run:
     params = [p for p in policy.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(o, cfg.train.steps))
     order = None
     if cfg.data.efficacy is not None:
         from ..data.efficacy_config import efficacy_order

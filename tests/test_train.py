@@ -1,0 +1,180 @@
+"""The loop end to end on a tiny model saved to disk: every regime through the real CLI, the sync
+invariants of §6, offline caching, resume, and bad input."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bridgerl.cli import main
+from bridgerl.config import load_config
+from bridgerl.train.loop import optimizer_step, train_step
+from bridgerl.train.setup import build_run
+
+BASE = [
+    "data.train=builtin:arithmetic", "data.num_train=24", "data.num_eval=8", "data.prompts_per_step=4",
+    "rollout.n=4", "rollout.max_new_tokens=8", "eval.max_prompts=8", "eval.max_new_tokens=8",
+    "train.micro_batch=8", "optim.lr=1e-3", "log.progress=false", "log.tensorboard=false",
+]
+
+
+def write_config(tmp_path: Path, model_dir: str) -> Path:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"model: {{path: {model_dir}}}\n")
+    return cfg
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_lines(out: Path) -> list[dict]:
+    return [m for m in read_metrics(out) if "reward/mean" in m]
+
+
+@pytest.mark.parametrize("algo,sync", [("dpo", 0), ("dpo", 2), ("dpo", 1), ("grpo", 1), ("grpo", 2)])
+def test_each_regime_trains_through_the_cli(tmp_path, tiny_model_dir, algo, sync):
+    out = tmp_path / "run"
+    code = main(["train", str(write_config(tmp_path, tiny_model_dir)), *BASE, f"algo.name={algo}",
+                 f"rollout.sync_every={sync}", "train.steps=4", "--out", str(out)])
+    assert code == 0
+    steps = step_lines(out)
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    for m in steps:
+        for key in ("reward/mean", "reward/std", "completion_length", "entropy", "staleness/mean", "loss",
+                    "groups/skipped", "reward/failures", "time/generation", "time/update", "tokens/generated"):
+            assert key in m, key
+    versions = [m["generator/version"] for m in steps]
+    if sync == 0:
+        assert versions == [0, 0, 0, 0]  # offline: the generator stays the seed model
+    else:
+        assert versions == [sync * (t // sync) for t in range(4)]  # snapshot from step s·⌊t/s⌋
+        assert max(m["staleness/max"] for m in steps) <= sync - 1
+    evals = [m for m in read_metrics(out) if "eval/score" in m]
+    assert evals[0]["step"] == 0 and evals[-1].get("final")
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
+    assert (out / "config.yaml").exists()
+
+
+def test_offline_generates_each_prompt_once(tmp_path, tiny_model_dir):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir),
+                      BASE + ["data.num_train=8", "rollout.sync_every=0", f"train.out_dir={tmp_path / 'o'}"])
+    run = build_run(cfg)
+    generated = [train_step(run)["tokens/generated"] for _ in range(4)]
+    assert generated[0] > 0 and generated[1] > 0
+    assert generated[2] == 0 and generated[3] == 0  # second epoch: cached samples, no regeneration
+
+
+def test_reference_moves_only_at_sync_steps(tmp_path, tiny_model_dir):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir),
+                      BASE + ["rollout.sync_every=2", "reference.sync=with_generator", f"train.out_dir={tmp_path / 'r'}"])
+    run = build_run(cfg)
+
+    def snapshot(model):
+        return [p.detach().clone() for p in model.parameters()]
+
+    for t in range(5):
+        before_policy, before_ref = snapshot(run.policy), snapshot(run.reference)
+        train_step(run)
+        after_ref = snapshot(run.reference)
+        if t % 2 == 0:
+            assert all(torch.equal(a, b) for a, b in zip(after_ref, before_policy))
+            assert run.generator.version == t
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(after_ref, before_ref))
+
+
+def test_reference_fixed_when_sync_never(tmp_path, tiny_model_dir):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir), BASE + [f"train.out_dir={tmp_path / 'f'}"])
+    run = build_run(cfg)
+    ref0 = [p.detach().clone() for p in run.reference.parameters()]
+    for _ in range(3):
+        train_step(run)
+    assert all(torch.equal(a, b) for a, b in zip(ref0, run.reference.parameters()))
+
+
+def comparable(lines):
+    return [{k: v for k, v in m.items() if not k.startswith(("time/", "tokens/s"))} for m in lines]
+
+
+@pytest.mark.parametrize("sync", [0, 3])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir, sync):
+    cfg = write_config(tmp_path, tiny_model_dir)
+    common = BASE + [f"rollout.sync_every={sync}", "eval.at_start=false"]
+    assert main(["train", str(cfg), *common, "train.steps=4", "--out", str(tmp_path / "full")]) == 0
+    assert main(["train", str(cfg), *common, "train.steps=2", "--out", str(tmp_path / "half")]) == 0
+    assert main(["train", str(cfg), *common, "train.steps=4", "--out", str(tmp_path / "half"), "--resume"]) == 0
+    assert comparable(step_lines(tmp_path / "full")) == comparable(step_lines(tmp_path / "half"))
+
+
+def test_kill_during_checkpoint_write_resumes_from_last_good(tmp_path, tiny_model_dir, monkeypatch):
+    import bridgerl.train.checkpoint as ckpt
+
+    cfg = write_config(tmp_path, tiny_model_dir)
+    common = BASE + ["rollout.sync_every=2", "eval.at_start=false", "train.checkpoint_every=1", "train.steps=4"]
+    real_save = torch.save
+
+    def dying_save(obj, path, *a, **k):
+        if "step-0000003" in str(path):
+            Path(path).write_bytes(b"half a checkpoint")
+            raise KeyboardInterrupt("killed while writing")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", str(cfg), *common, "--out", str(tmp_path / "killed")])
+    assert ckpt.latest_checkpoint(tmp_path / "killed").name == "step-0000002"
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert main(["train", str(cfg), *common, "--out", str(tmp_path / "killed"), "--resume"]) == 0
+    assert main(["train", str(cfg), *common, "--out", str(tmp_path / "clean")]) == 0
+    assert comparable(step_lines(tmp_path / "killed")) == comparable(step_lines(tmp_path / "clean"))
+
+
+def test_misspelt_key_is_refused_before_loading(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {path: /does/not/exist}\n")
+    assert main(["train", str(cfg), "rollout.sync_evry=2"]) == 2
+    err = capsys.readouterr().err
+    assert "rollout.sync_evry" in err and "rollout.sync_every" in err
+
+
+def test_malformed_data_row_names_file_row_and_field(tmp_path, tiny_model_dir):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": "2"}\n{"answer": "3"}\n')
+    cfg = load_config(write_config(tmp_path, tiny_model_dir),
+                      BASE + [f"data.train={data}", "data.default_task=arithmetic", f"train.out_dir={tmp_path / 'x'}"])
+    with pytest.raises(Exception) as err:
+        build_run(cfg)
+    msg = str(err.value)
+    assert "bad.jsonl" in msg and "2" in msg and "prompt" in msg
+
+
+def test_failing_and_hanging_rewards_score_failure_and_run_continues(tmp_path, tiny_model_dir, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "import time\n"
+        "def raises(prompts, completions, **kw):\n    raise RuntimeError('broken reward')\n"
+        "def hangs(prompts, completions, **kw):\n    time.sleep(60)\n    return [1.0] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": f"say {i}", "task": "a" if i % 2 else "b"} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "fail"
+    code = main(["train", str(write_config(tmp_path, tiny_model_dir)), *BASE, f"data.train={data}",
+                 "rewards.tasks={a: {kind: python, function: 'my_rewards:raises'}, b: {kind: python, function: 'my_rewards:hangs'}}",
+                 "rewards.timeout_s=0.5", "rewards.failure_score=-1", "train.steps=2", "--out", str(out)])
+    assert code == 0
+    steps = step_lines(out)
+    assert len(steps) == 2
+    assert all(m["reward/failures"] == 16 and m["reward/mean"] == -1 for m in steps)
+
+
+def test_nonfinite_gradient_skips_the_update(tmp_path, tiny_model_dir):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir), BASE + [f"train.out_dir={tmp_path / 'n'}"])
+    run = build_run(cfg)
+    before = [p.detach().clone() for p in run.policy.parameters()]
+    for p in run.policy.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    m = optimizer_step(run)
+    assert m["update/skipped"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, run.policy.parameters()))
