@@ -178,3 +178,53 @@ def test_nonfinite_gradient_skips_the_update(tmp_path, tiny_model_dir):
     m = optimizer_step(run)
     assert m["update/skipped"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, run.policy.parameters()))
+
+
+def test_grpovi_shaping_in_the_loop_raises_variance_and_keeps_mean(tmp_path, tiny_model_dir):
+    from bridgerl.rewards.partial import partial_credit
+
+    assert partial_credit("19", "19") == 1.0 and partial_credit("x", "19") == 0.0
+    assert 0.1 <= partial_credit("15", "19") < 1.0
+    cfg = load_config(write_config(tmp_path, tiny_model_dir), BASE + [
+        "algo.name=grpo", "algo.reward_shaping=variance_increase", "rewards.tasks.arithmetic.kind=partial",
+        f"train.out_dir={tmp_path / 'vi'}"])
+    run = build_run(cfg)
+    from bridgerl.train.loop import Timer, rollouts_for
+    from bridgerl.train.shaping import shape_rewards
+
+    rows = run.stream.next_batch()
+    batch, rewards, _ = rollouts_for(run, rows, Timer())
+    rewards = torch.rand(len(rows), cfg.rollout.n)  # graded rewards with a spread in every group
+    shaped, m = shape_rewards(run, rows, batch, rewards)
+    assert m["reward/var_after"] >= m["reward/var_before"]
+    assert ((shaped >= 0) & (shaped <= 1)).all()
+    metrics = train_step(run)
+    assert "reward/var_before" in metrics and metrics["reward/var_after"] >= metrics["reward/var_before"] - 1e-9
+
+
+@pytest.mark.parametrize("rho", [0.0, 1.0])
+def test_optune_regenerates_rho_of_known_prompts(tmp_path, tiny_model_dir, rho):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir), BASE + [
+        "data.num_train=4", f"algo.exploration={{rho: {rho}}}", f"train.out_dir={tmp_path / 'opt'}"])
+    run = build_run(cfg)
+    first = train_step(run)
+    assert first["optune/prompts_regenerated"] == 4  # a prompt with no pair yet is always sampled
+    pool = run.extras["optune"]
+    before = {pid: pool[pid] for pid in pool.prompt_ids()}
+    second = train_step(run)
+    assert second["optune/prompts_regenerated"] == 4 * rho
+    if rho == 0:
+        assert second["tokens/generated"] == 0
+        assert all(pool[pid] is before[pid] for pid in before)  # untouched pairs are identical
+    for entry in pool:
+        assert entry.r_chosen >= entry.r_rejected
+
+
+def test_lora_policy_trains_and_saves_an_adapter(tmp_path, tiny_model_dir):
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    code = main(["train", str(write_config(tmp_path, tiny_model_dir)), *BASE, "model.lora={r: 4}", "train.steps=2",
+                 "log.tensorboard=true", "--out", str(out)])
+    assert code == 0
+    assert (out / "final" / "adapter_config.json").exists() and any((out / "tb").iterdir())
+    assert len(step_lines(out)) == 2

@@ -88,7 +88,8 @@ AlgoConfig = Annotated[Union[DPOConfig, GRPOConfig], Field(discriminator="name")
 
 
 class TaskRewardConfig(Strict):
-    kind: Literal["math", "python", "model", "reasoning_gym"]
+    kind: Literal["math", "partial", "python", "model", "reasoning_gym"] = Field(
+        ..., description="math: Math-Verify 0/1; partial: graded numeric credit in [0, 1]")
     function: str | None = Field(None, description="module:function, for kind=python")
     path: str | None = Field(None, description="reward model folder or hub id, for kind=model")
     binary: bool | None = Field(None, description="None: true for math and reasoning_gym")
@@ -106,6 +107,12 @@ class TaskRewardConfig(Strict):
     @property
     def is_binary(self) -> bool:
         return self.binary if self.binary is not None else self.kind in ("math", "reasoning_gym")
+
+    @property
+    def bounds(self) -> tuple[float | None, float | None]:
+        """The reward's known range, where the kind fixes it (GRPOVI's [m, M])."""
+        known = (0.0, 1.0) if self.kind in ("math", "partial", "reasoning_gym") else (None, None)
+        return (self.low if self.low is not None else known[0], self.high if self.high is not None else known[1])
 
 
 class RewardsConfig(Strict):

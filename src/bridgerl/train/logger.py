@@ -62,7 +62,7 @@ class _Progress:
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, disable=None, mininterval=1.0)
 
     def update(self, metrics: dict) -> None:
         if self.bar:

@@ -60,7 +60,10 @@ def train_step(run: Run) -> dict:
             update = grpo_update(run.policy, run.reference, batch, rewards, cfg.algo, cfg.train.micro_batch,
                                  run.step, step_fn)
     run.step += 1
-    return rollout_metrics(run, rows, batch, rewards, fresh) | shaping_metrics | update | timing(timer)
+    metrics = rollout_metrics(run, rows, batch, rewards, fresh) | shaping_metrics | update | timing(timer)
+    if metrics.get("tokens/generated") and timer.seconds.get("generate"):
+        metrics["tokens/s"] = metrics["tokens/generated"] / timer.seconds["generate"]
+    return metrics
 
 
 def rollouts_for(run: Run, rows: list[dict], timer: Timer) -> tuple[Rollouts, torch.Tensor, dict]:

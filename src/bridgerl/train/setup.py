@@ -61,6 +61,9 @@ def build_reward_fn(task: TaskRewardConfig, device: torch.device):
 
     if task.kind == "math":
         return math_reward
+    if task.kind == "partial":
+        from ..rewards.partial import partial_credit_reward
+        return partial_credit_reward
     if task.kind == "python":
         return load_callable(task.function)
     if task.kind == "model":

@@ -178,5 +178,5 @@ def _bar(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=None, mininterval=1.0)
 

@@ -1,4 +1,4 @@
-"""Reward shaping between scoring and the objective: GRPOVI's variance increase (algorithms.md §3)."""
+"""Reward shaping between scoring and the objective: GRPOVI's variance increase (algorithms.md §3.3)."""
 from __future__ import annotations
 
 import torch
@@ -7,33 +7,28 @@ from ..config import GRPOConfig
 
 
 def shape_rewards(run, rows: list[dict], batch, rewards: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """rewards [G, n] → shaped rewards [G, n] and metrics. Identity unless the algo asks for shaping."""
+    """rewards [G, n] → shaped rewards [G, n] and metrics. Identity unless the algo asks for shaping.
+
+    p comes from the reference model (π_θ(0) unless the reference is synced) as a softmax of the
+    group's sequence log-probs; [m, M] is the task's known range, else the group's own min/max."""
     algo = run.cfg.algo
     if not isinstance(algo, GRPOConfig) or algo.reward_shaping == "none":
         return rewards, {}
-    from ..algos.variance import increase_variance_groups, probs_from_logps
+    from ..algos.variance import increase_variance_groups, probs_from_logps, variance_increase_metrics
     from .logprobs import micro_batches, token_logprobs
 
     G, n = rewards.shape
     probs = None
     if algo.shaping_probs == "reference":
-        seq = torch.empty(G * n, device=rewards.device)
+        seq = torch.empty(G * n)
         with torch.no_grad():
             for chunk in micro_batches(G * n, batch.lengths, run.cfg.train.micro_batch):
-                seq[chunk.to(seq.device)] = token_logprobs(run.reference, batch.select(chunk))[0].sum(dim=1).to(seq.device)
+                seq[chunk] = token_logprobs(run.reference, batch.select(chunk))[0].sum(dim=1).cpu()
         probs = probs_from_logps(seq.view(G, n))
-    tasks = run.cfg.rewards.tasks
-    low = torch.tensor([_bound(tasks[r["task"]].low, rewards[i].min()) for i, r in enumerate(rows)])
-    high = torch.tensor([_bound(tasks[r["task"]].high, rewards[i].max()) for i, r in enumerate(rows)])
+    nan = float("nan")
+    bounds = torch.tensor([[b if b is not None else nan for b in run.cfg.rewards.tasks[r["task"]].bounds] for r in rows])
+    # A failure score outside the known range widens it rather than breaking the solver.
+    low = torch.fmin(bounds[:, 0], rewards.min(dim=1).values)
+    high = torch.fmax(bounds[:, 1], rewards.max(dim=1).values)
     shaped = increase_variance_groups(rewards, probs, low, high)
-    w = probs if probs is not None else torch.full_like(rewards, 1.0 / n)
-
-    def weighted_var(r):
-        mean = (w * r).sum(dim=1, keepdim=True)
-        return (w * (r - mean) ** 2).sum(dim=1).mean().item()
-
-    return shaped, {"reward/var_before": weighted_var(rewards), "reward/var_after": weighted_var(shaped)}
-
-
-def _bound(known: float | None, group_value: torch.Tensor) -> float:
-    return float(known) if known is not None else float(group_value)
+    return shaped, variance_increase_metrics(rewards, shaped, probs)
