@@ -228,3 +228,19 @@ def test_lora_policy_trains_and_saves_an_adapter(tmp_path, tiny_model_dir):
     assert code == 0
     assert (out / "final" / "adapter_config.json").exists() and any((out / "tb").iterdir())
     assert len(step_lines(out)) == 2
+
+
+def test_efficacy_scores_select_and_order_the_prompt_stream(tmp_path, tiny_model_dir):
+    from bridgerl.data.efficacy import fold_order, save_scores
+
+    scores = [float(s) for s in torch.randperm(24)]
+    save_scores(tmp_path / "s.jsonl", scores, list(range(24)))
+    cfg = load_config(write_config(tmp_path, tiny_model_dir), BASE + [
+        f"data.efficacy={{scorer: file, scores_file: {tmp_path / 's.jsonl'}, select: top_ratio, ratio: 0.5, order: folding}}",
+        f"train.out_dir={tmp_path / 'eff'}"])
+    run = build_run(cfg)
+    seen = [r["id"] for _ in range(3) for r in run.stream.next_batch()]
+    kept = sorted(range(24), key=lambda i: scores[i])[12:]  # the top half
+    expected = [kept[i] for i in fold_order([scores[i] for i in kept], 3)]
+    assert seen == expected
+    assert (tmp_path / "eff" / "efficacy_scores.png").exists()

@@ -12,6 +12,7 @@ HELP = """bridgerl: RL post-training of language models, offline to online in on
   bridgerl eval MODEL --task builtin:arithmetic       held-out score of a model folder
   bridgerl sft CONFIG|- [a.b=c ...]                   supervised fine-tuning (a seed policy)
   bridgerl rm CONFIG|- [a.b=c ...]                    train a Bradley-Terry reward model
+  bridgerl score CONFIG [--scorer lqs|loss|pass_rate] score data for selection and ordering (DELT)
   bridgerl tiny OUT_DIR [--arch llama] [--size micro] build a tiny model + tokenizer folder (offline)
 
 Every config key can be overridden on the command line, e.g. rollout.sync_every=10 algo.beta=0.1.
@@ -90,6 +91,52 @@ def cmd_rm(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    """Score training rows (RL prompts, or SFT samples with --sft) and write a scores file."""
+    from .config import ConfigError, SFTConfig, load_config, load_typed
+    from .data import efficacy_config as eff
+
+    try:
+        cfg = load_typed(SFTConfig, args.config, args.overrides) if args.sft else load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"bridgerl score: {err}", file=sys.stderr)
+        return 2
+    _quiet_transformers()
+    if args.sft:
+        from .data.tasks import builtin_rows
+        from .models import load_causal_lm, load_tokenizer
+        from .train.sft import sft_rows
+
+        model, tokenizer = load_causal_lm(cfg.model.path), load_tokenizer(cfg.model.path)
+        rows = sft_rows(cfg)
+        spec = cfg.data.train.removeprefix("builtin:")
+        target = builtin_rows(spec, args.target_size, cfg.seed, "test") if cfg.data.train.startswith("builtin:") else None
+    else:
+        from .train.setup import build_run
+
+        run = build_run(cfg)
+        model, tokenizer, rows, target = run.policy, run.tokenizer, run.train_rows, run.eval_rows[:args.target_size]
+    if args.scorer == "lqs":
+        if args.target:
+            from .data.formats import load_sft_rows
+            target = load_sft_rows(args.target)
+        if not target:
+            print("bridgerl score: --scorer lqs needs a small high-quality target set: --target FILE.jsonl", file=sys.stderr)
+            return 2
+        scores = eff.lqs_for_rows(model, tokenizer, rows, target, steps=args.steps)
+    elif args.scorer == "loss":
+        scores = eff.loss_based_scores(model, tokenizer, rows)
+    else:
+        if args.sft:
+            print("bridgerl score: pass_rate scores RL prompts; use --scorer loss or lqs with --sft", file=sys.stderr)
+            return 2
+        scores = eff.pass_rate(run, rows)
+    path = eff.write_scores(args.out, scores)
+    print(f"[bridgerl] {len(scores)} {args.scorer} scores written to {path} (histogram: {path.with_suffix('.png')}); "
+          f"use them with data.efficacy.scores_file={path}")
+    return 0
+
+
 def cmd_tiny(args) -> int:
     from .models import make_tiny_model
 
@@ -134,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="a.b.c=value overrides")
     p.set_defaults(func=cmd_rm)
 
+    p = sub.add_parser("score", help="score training data for selection and ordering (DELT)",
+                       description="Write per-row scores (LQS, loss or pass rate) that data.efficacy reads.")
+    p.add_argument("config", help="train config (or an SFT config with --sft), or '-'")
+    p.add_argument("overrides", nargs="*", help="a.b.c=value overrides")
+    p.add_argument("--scorer", default="lqs", choices=["lqs", "loss", "pass_rate"])
+    p.add_argument("--sft", action="store_true", help="the config is an SFT config; score its samples")
+    p.add_argument("--out", default="scores.jsonl", help="scores file (.jsonl or .npy); a histogram PNG goes beside it")
+    p.add_argument("--target", help="LQS target set: jsonl of prompt + completion rows (default: the held-out split)")
+    p.add_argument("--target-size", type=int, default=32, help="target rows taken from the held-out split")
+    p.add_argument("--steps", type=int, default=40, help="LQS proxy-run steps")
+    p.set_defaults(func=cmd_score)
+
     p = sub.add_parser("tiny", help="write a tiny model + tokenizer folder (no download)")
     p.add_argument("out_dir")
     p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "olmoe", "qwen2_moe"])
@@ -145,7 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come before or after flags: `score cfg --sft a.b=1` leaves a.b=1 unparsed.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if "=" not in a or a.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if getattr(args, "config", None) == "-":
         args.config = None
     if not getattr(args, "func", None):

@@ -122,7 +122,10 @@ class RewardsConfig(Strict):
 
 
 class EfficacyConfig(Strict):
-    scorer: Literal["file", "loss", "pass_rate"] = "file"
+    """DELT (algorithms.md §4): score the data, select from it, order it."""
+    scorer: Literal["file", "loss", "pass_rate"] = Field(
+        "file", description="file: a scores file (e.g. LQS from `bridgerl score`); loss: seed-model NLL of the "
+                            "target; pass_rate: seed-policy mean reward per RL prompt")
     scores_file: str | None = None
     select: Literal["all", "top_ratio", "threshold"] = "all"
     ratio: float = Field(1.0, gt=0, le=1)

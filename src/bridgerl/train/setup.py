@@ -164,17 +164,16 @@ def build_run(cfg: Config) -> Run:
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(o, cfg.train.steps))
-    order = None
-    if cfg.data.efficacy is not None:
-        from ..data.efficacy_config import efficacy_order
-        order = efficacy_order(cfg, train_rows)
-    stream = PromptStream(train_rows, cfg.data.prompts_per_step, seed=cfg.train.seed, order=order)
+    stream = PromptStream(train_rows, cfg.data.prompts_per_step, seed=cfg.train.seed)
     sample_rng = torch.Generator(device=device).manual_seed(cfg.train.seed)
     pair_rng = torch.Generator().manual_seed(cfg.train.seed + 1)
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, device, tokenizer, policy, reference, generator, optimizer, scheduler, stream, train_rows,
               eval_rows, rewarder, sample_rng, pair_rng, out)
+    if cfg.data.efficacy is not None:  # scored with the run's own seed policy and rewards
+        from ..data.efficacy_config import efficacy_order
+        run.stream = PromptStream(train_rows, cfg.data.prompts_per_step, seed=cfg.train.seed, order=efficacy_order(run))
     if isinstance(cfg.algo, DPOConfig) and cfg.algo.exploration is not None:
         from ..algos.optune import PairPool
         run.extras["optune"] = PairPool()

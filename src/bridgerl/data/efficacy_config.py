@@ -1,0 +1,119 @@
+"""`data.efficacy` in the config → scores → selected and ordered row indices for the data stream,
+for RL prompts and SFT samples alike; and the scoring behind `bridgerl score`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .efficacy import align_scores, apply_efficacy, load_scores, plot_score_histogram, save_scores
+
+
+def order_from_scores(eff, scores: np.ndarray, seed: int) -> np.ndarray:
+    """Select (all / top_ratio / threshold) and order (shuffle / sorted / folding) by the same scores."""
+    return apply_efficacy(scores, select=eff.select, order=eff.order, ratio=eff.ratio, threshold=eff.threshold,
+                          folds=eff.folds, seed=seed)
+
+
+def scores_from_file(path: str, n_rows: int) -> np.ndarray:
+    """A scores file whose ids are row indices (what `bridgerl score` writes)."""
+    scores, ids = load_scores(path)
+    try:
+        return align_scores(scores, ids, list(range(n_rows)))
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{path}: its ids must be the training rows' indices 0..{n_rows - 1} "
+                         f"(as written by `bridgerl score`): {err}") from err
+
+
+def answer_samples(tokenizer, rows: list[dict], max_length: int = 256) -> list[tuple[list[int], int]]:
+    """(prompt + target tokens, prompt length): the target is the SFT completion, the worked
+    solution, or the gold answer — whichever the row has."""
+    from ..train.sft import encode_sft
+
+    targets = []
+    for i, r in enumerate(rows):
+        text = r.get("completion") or r.get("solution") or r.get("answer")
+        if not text:
+            raise ValueError(f"row {i}: loss-based scoring needs a completion, solution or answer column")
+        targets.append(dict(r, completion=str(text)))
+    return encode_sft(tokenizer, targets, max_length)
+
+
+def loss_based_scores(model, tokenizer, rows: list[dict]) -> np.ndarray:
+    from .scorers import loss_scores, samples_from_prompt_lengths
+
+    samples = samples_from_prompt_lengths(answer_samples(tokenizer, rows))
+    return loss_scores(model, samples, pad_id=tokenizer.pad_token_id, progress=True)
+
+
+def pass_rate(run, rows: list[dict], n: int = 8) -> np.ndarray:
+    """The seed policy's mean reward over n samples per prompt: a prompt's learnability for RL."""
+    from .scorers import pass_rate_scores
+
+    cfg = run.cfg
+    out = []
+    rng = torch.Generator(device=run.device).manual_seed(cfg.train.seed + 11)
+    for start in range(0, len(rows), 64):
+        part = [dict(r, id=f"score:{start + i}") for i, r in enumerate(rows[start:start + 64])]
+        rollouts = run.generator.generate([run.encode_prompt(r) for r in part], n, cfg.rollout, rng)
+        expanded = [r for r in part for _ in range(n)]
+        scores, _ = run.rewarder([r["prompt"] for r in expanded], rollouts.completions, expanded)
+        out.append(pass_rate_scores(scores.view(len(part), n).numpy()))
+    return np.concatenate(out)
+
+
+def efficacy_order(run) -> np.ndarray:
+    """Row order for the RL prompt stream (the run's generator and rewarder score pass rates)."""
+    eff, rows = run.cfg.data.efficacy, run.train_rows
+    if eff.scorer == "file":
+        scores = scores_from_file(_need_file(eff), len(rows))
+    elif eff.scorer == "loss":
+        scores = loss_based_scores(run.policy, run.tokenizer, rows)
+    else:
+        scores = pass_rate(run, rows)
+    plot_score_histogram(scores, run.out_dir / "efficacy_scores.png")
+    return order_from_scores(eff, scores, run.cfg.train.seed)
+
+
+def efficacy_order_for_sft(cfg, model, tokenizer, encoded: list[tuple[list[int], int]]) -> np.ndarray:
+    from .scorers import loss_scores, samples_from_prompt_lengths
+
+    eff = cfg.data.efficacy
+    if eff.scorer == "file":
+        scores = scores_from_file(_need_file(eff), len(encoded))
+    elif eff.scorer == "loss":
+        scores = loss_scores(model, samples_from_prompt_lengths(encoded), pad_id=tokenizer.pad_token_id)
+    else:
+        raise ValueError("data.efficacy.scorer=pass_rate scores RL prompts; for SFT use loss or a scores file "
+                         "(e.g. LQS from `bridgerl score --scorer lqs`)")
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    plot_score_histogram(scores, Path(cfg.out_dir) / "efficacy_scores.png")
+    return order_from_scores(eff, scores, cfg.seed)
+
+
+def lqs_for_rows(model, tokenizer, rows: list[dict], target_rows: list[dict], steps: int = 40,
+                 score_every: int = 10, lr: float = 8e-3, batch_size: int = 16, seed: int = 0) -> np.ndarray:
+    """LQS (algorithms.md §4.1) of each row against a small high-quality target set."""
+    from .lqs import lqs_scores
+    from .scorers import samples_from_prompt_lengths
+
+    samples = samples_from_prompt_lengths(answer_samples(tokenizer, rows))
+    target = samples_from_prompt_lengths(answer_samples(tokenizer, target_rows))
+    result = lqs_scores(model, samples, target, steps=steps, lr=lr, batch_size=batch_size, score_every=score_every,
+                        pad_id=tokenizer.pad_token_id, seed=seed)
+    return np.asarray(result.scores)
+
+
+def write_scores(path: str | Path, scores: np.ndarray) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_scores(path, scores, list(range(len(scores))))
+    plot_score_histogram(scores, path.with_suffix(".png"))
+    return path
+
+
+def _need_file(eff) -> str:
+    if not eff.scores_file:
+        raise ValueError("data.efficacy.scorer=file needs data.efficacy.scores_file (write one with `bridgerl score`)")
+    return eff.scores_file
