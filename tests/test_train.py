@@ -244,3 +244,11 @@ def test_efficacy_scores_select_and_order_the_prompt_stream(tmp_path, tiny_model
     expected = [kept[i] for i in fold_order([scores[i] for i in kept], 3)]
     assert seen == expected
     assert (tmp_path / "eff" / "efficacy_scores.png").exists()
+
+
+def test_eval_command_scores_a_model_folder(tmp_path, tiny_model_dir, capsys):
+    assert main(["eval", tiny_model_dir, "--task", "builtin:arithmetic", "--num", "8", "--max-new-tokens", "8",
+                 "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(out[out.index("{"):])
+    assert 0.0 <= metrics["eval/score"] <= 1.0 and "eval/arithmetic/score_se" in metrics
