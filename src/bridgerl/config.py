@@ -290,22 +290,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
-    """Read YAML (or start from `base`), apply overrides, validate."""
-    raw: dict = dict(base or {})
-    if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        raw.update(loaded)
-    raw = apply_overrides(raw, list(overrides or []))
-    if isinstance(raw.get("algo"), dict):
-        raw["algo"].setdefault("name", "dpo")  # the union's default member
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_explain(err, raw)) from None
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML, apply `a.b.c=value` overrides, validate: the training config."""
+    return load_typed(Config, path, overrides)
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
@@ -347,11 +334,15 @@ class RMConfig(Strict):
 
 
 def load_typed(cls: type[BaseModel], path: str | Path | None, overrides: list[str] | None = None):
-    """Like load_config, for the other command trees (SFTConfig, RMConfig)."""
+    """Read YAML, apply overrides and validate into any config tree (Config, SFTConfig, RMConfig)."""
     raw: dict = {}
     if path is not None:
         raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, list(overrides or []))
+    if isinstance(raw.get("algo"), dict):
+        raw["algo"].setdefault("name", "dpo")  # the algo union's default member
     try:
         return cls.model_validate(raw)
     except ValidationError as err:

@@ -14,10 +14,10 @@ def evaluate(run, rows: list[dict] | None = None) -> dict[str, float]:
     rows = (rows if rows is not None else run.eval_rows)[: cfg.max_prompts]
     if not rows:
         return {}
-    if "eval_generator" not in run.__dict__:
-        run.__dict__["eval_generator"] = HFGenerator(run.policy, run.tokenizer, batch_size=run.cfg.rollout.batch_size,
-                                                     share_weights=True)
-    gen = run.__dict__["eval_generator"]
+    if run.eval_generator is None:
+        run.eval_generator = HFGenerator(run.policy, run.tokenizer, batch_size=run.cfg.rollout.batch_size,
+                                         share_weights=True)
+    gen = run.eval_generator
     # Eval sampling has its own RNG so that evaluating never shifts the training samples.
     rng = torch.Generator(device=run.device).manual_seed(run.cfg.train.seed + 7)
     out = gen.generate([run.encode_prompt(r) for r in rows], 1, cfg, rng)

@@ -118,6 +118,7 @@ class Run:
     cache_version: int = -1
     prompt_tokens: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)  # method state with state_dict(): OPTune pool, monitors
+    eval_generator: HFGenerator | None = None  # samples from the policy's own weights (no copy)
 
     @property
     def binary_tasks(self) -> set[str]:
