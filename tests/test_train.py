@@ -252,3 +252,30 @@ def test_eval_command_scores_a_model_folder(tmp_path, tiny_model_dir, capsys):
     out = capsys.readouterr().out
     metrics = json.loads(out[out.index("{"):])
     assert 0.0 <= metrics["eval/score"] <= 1.0 and "eval/arithmetic/score_se" in metrics
+
+
+def test_pathway_monitor_live_and_over_checkpoints(tmp_path, tokenizer, capsys):
+    from bridgerl.models import make_tiny_model
+
+    moe = make_tiny_model(tmp_path / "moe", "olmoe", "nano", tokenizer=tokenizer)
+    out = tmp_path / "moe-run"
+    code = main(["train", str(write_config(tmp_path, str(moe))), *BASE, "train.steps=2", "train.checkpoint_every=1",
+                 "train.keep_checkpoints=5", "monitor.pathways={every: 1, probe_samples: 6}", "--out", str(out)])
+    assert code == 0
+    logged = [m for m in read_metrics(out) if "pathways/distance" in m]
+    assert [m["step"] for m in logged] == [0, 1, 2]
+    assert all(0 <= m["pathways/smoothness"] <= 1 + 1e-6 for m in logged)
+    assert main(["monitor", str(out), "--probe-samples", "6"]) == 0
+    per_ckpt = [json.loads(x) for x in (out / "pathways.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in per_ckpt] == [1, 2]
+    assert (out / "pathways.png").exists()
+    # The checkpoint measured offline equals the live measurement at the same step.
+    assert per_ckpt[-1]["pathways/distance"] == logged[-1]["pathways/distance"]
+
+
+def test_pathway_monitor_on_dense_model_says_so_and_trains_on(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "dense"
+    assert main(["train", str(write_config(tmp_path, tiny_model_dir)), *BASE, "train.steps=2",
+                 "monitor.pathways={every: 1, probe_samples: 4}", "--out", str(out)]) == 0
+    assert "monitor.pathways is off" in capsys.readouterr().out
+    assert len(step_lines(out)) == 2

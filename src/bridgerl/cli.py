@@ -13,6 +13,7 @@ HELP = """bridgerl: RL post-training of language models, offline to online in on
   bridgerl sft CONFIG|- [a.b=c ...]                   supervised fine-tuning (a seed policy)
   bridgerl rm CONFIG|- [a.b=c ...]                    train a Bradley-Terry reward model
   bridgerl score CONFIG [--scorer lqs|loss|pass_rate] score data for selection and ordering (DELT)
+  bridgerl monitor RUN_DIR                             MoE pathway metrics over a run's checkpoints
   bridgerl tiny OUT_DIR [--arch llama] [--size micro] build a tiny model + tokenizer folder (offline)
 
 Every config key can be overridden on the command line, e.g. rollout.sync_every=10 algo.beta=0.1.
@@ -137,6 +138,19 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_monitor(args) -> int:
+    from .train.monitoring import monitor_run
+
+    _quiet_transformers()
+    try:
+        out = monitor_run(args.run_dir, tau=args.tau, probe_samples=args.probe_samples)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"bridgerl monitor: {err}", file=sys.stderr)
+        return 2
+    print(f"[bridgerl] pathway metrics per checkpoint in {out}; plot in {out.with_suffix('.png')}")
+    return 0
+
+
 def cmd_tiny(args) -> int:
     from .models import make_tiny_model
 
@@ -192,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-size", type=int, default=32, help="target rows taken from the held-out split")
     p.add_argument("--steps", type=int, default=40, help="LQS proxy-run steps")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("monitor", help="MoE pathway metrics over a run's saved checkpoints",
+                       description="Pathway distance and consistency (grokking monitors) of every checkpoint of a run, "
+                                   "plotted beside its loss and held-out score.")
+    p.add_argument("run_dir")
+    p.add_argument("--tau", type=float, default=0.7)
+    p.add_argument("--probe-samples", type=int, default=32)
+    p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("tiny", help="write a tiny model + tokenizer folder (no download)")
     p.add_argument("out_dir")

@@ -317,6 +317,7 @@ class SFTConfig(Strict):
     out_dir: str = "runs/sft"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, gt=0)
+    monitor: MonitorConfig = MonitorConfig()
 
 
 class RMConfig(Strict):

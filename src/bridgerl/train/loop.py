@@ -189,11 +189,17 @@ def train(cfg: Config, resume: bool = False, run: Run | None = None) -> Run:
             load_state(run, load_checkpoint(ckpt))
             print(f"[bridgerl] resumed from {ckpt} at step {run.step}")
     eval_every = cfg.eval.every
-    if run.step == 0 and cfg.eval.at_start and run.eval_rows:
-        logger.log(0, evaluate(run))
+    monitor = run.extras.get("pathways")
+    if run.step == 0:
+        start = (evaluate(run) if cfg.eval.at_start and run.eval_rows else {}) | \
+            (monitor.maybe_measure(run.policy, 0) if monitor else {})
+        if start:
+            logger.log(0, start)
     progress = logger.progress(cfg.train.steps, initial=run.step)
     while run.step < cfg.train.steps:
         metrics = train_step(run)
+        if monitor:
+            metrics |= monitor.maybe_measure(run.policy, run.step)
         if eval_every and run.step % eval_every == 0 and run.eval_rows and run.step < cfg.train.steps:
             metrics |= evaluate(run)
         logger.log(run.step, metrics)

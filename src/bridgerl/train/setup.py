@@ -175,6 +175,9 @@ def build_run(cfg: Config) -> Run:
     if cfg.data.efficacy is not None:  # scored with the run's own seed policy and rewards
         from ..data.efficacy_config import efficacy_order
         run.stream = PromptStream(train_rows, cfg.data.prompts_per_step, seed=cfg.train.seed, order=efficacy_order(run))
+    if cfg.monitor.pathways is not None:
+        from .monitoring import LiveMonitor
+        run.extras["pathways"] = LiveMonitor(cfg.monitor.pathways, tokenizer, train_rows)
     if isinstance(cfg.algo, DPOConfig) and cfg.algo.exploration is not None:
         from ..algos.optune import PairPool
         run.extras["optune"] = PairPool()

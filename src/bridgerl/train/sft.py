@@ -77,6 +77,10 @@ def sft(cfg: SFTConfig, order=None, progress: bool = True) -> Path:
     o = cfg.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(o, cfg.steps))
+    monitor = None
+    if cfg.monitor.pathways is not None:
+        from .monitoring import LiveMonitor
+        monitor = LiveMonitor(cfg.monitor.pathways, tokenizer, rows)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "sft_metrics.jsonl").open("w")
@@ -91,8 +95,10 @@ def sft(cfg: SFTConfig, order=None, progress: bool = True) -> Path:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log.write(json.dumps({"step": step, "loss": loss.item(), "time": time.perf_counter() - start}) + "\n")
+        record = monitor.maybe_measure(model, step) if monitor else {}
+        if record or step % cfg.log_every == 0 or step == cfg.steps:
+            record |= {"step": step, "loss": loss.item(), "time": time.perf_counter() - start}
+            log.write(json.dumps(record) + "\n")
             log.flush()
         if bar:
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
