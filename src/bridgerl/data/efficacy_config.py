@@ -2,6 +2,8 @@
 for RL prompts and SFT samples alike; and the scoring behind `bridgerl score`."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,19 +13,28 @@ from .efficacy import align_scores, apply_efficacy, load_scores, plot_score_hist
 
 
 def order_from_scores(eff, scores: np.ndarray, seed: int) -> np.ndarray:
-    """Select (all / top_ratio / threshold) and order (shuffle / sorted / folding) by the same scores."""
+    """Select (all / top_ratio / threshold) and order (shuffle / sorted / folding) by the same scores;
+    `invert` flips their sign, so selection keeps, and curricula start from, the highest raw score."""
+    scores = -scores if eff.invert else scores
     return apply_efficacy(scores, select=eff.select, order=eff.order, ratio=eff.ratio, threshold=eff.threshold,
                           folds=eff.folds, seed=seed)
 
 
-def scores_from_file(path: str, n_rows: int) -> np.ndarray:
-    """A scores file whose ids are row indices (what `bridgerl score` writes)."""
+def row_key(row: dict) -> str:
+    """A stable id from a row's content, so a scores file can never silently apply to other rows."""
+    text = json.dumps([row["prompt"], row.get("completion") or row.get("solution") or row.get("answer")],
+                      sort_keys=True, ensure_ascii=False)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def scores_from_file(path: str, rows: list[dict]) -> np.ndarray:
+    """Scores written by `bridgerl score` for exactly these rows (matched by content)."""
     scores, ids = load_scores(path)
     try:
-        return align_scores(scores, ids, list(range(n_rows)))
+        return align_scores(scores, ids, [row_key(r) for r in rows])
     except (KeyError, ValueError) as err:
-        raise ValueError(f"{path}: its ids must be the training rows' indices 0..{n_rows - 1} "
-                         f"(as written by `bridgerl score`): {err}") from err
+        raise ValueError(f"{path} does not score this run's rows (its ids are row-content hashes from "
+                         f"`bridgerl score`; the data, its size or the seed differ): {err}") from err
 
 
 def answer_samples(tokenizer, rows: list[dict], max_length: int = 256) -> list[tuple[list[int], int]]:
@@ -67,7 +78,7 @@ def efficacy_order(run) -> np.ndarray:
     """Row order for the RL prompt stream (the run's generator and rewarder score pass rates)."""
     eff, rows = run.cfg.data.efficacy, run.train_rows
     if eff.scorer == "file":
-        scores = scores_from_file(_need_file(eff), len(rows))
+        scores = scores_from_file(_need_file(eff), rows)
     elif eff.scorer == "loss":
         scores = loss_based_scores(run.policy, run.tokenizer, rows)
     else:
@@ -76,12 +87,12 @@ def efficacy_order(run) -> np.ndarray:
     return order_from_scores(eff, scores, run.cfg.train.seed)
 
 
-def efficacy_order_for_sft(cfg, model, tokenizer, encoded: list[tuple[list[int], int]]) -> np.ndarray:
+def efficacy_order_for_sft(cfg, model, tokenizer, rows: list[dict], encoded: list[tuple[list[int], int]]) -> np.ndarray:
     from .scorers import loss_scores, samples_from_prompt_lengths
 
     eff = cfg.data.efficacy
     if eff.scorer == "file":
-        scores = scores_from_file(_need_file(eff), len(encoded))
+        scores = scores_from_file(_need_file(eff), rows)
     elif eff.scorer == "loss":
         scores = loss_scores(model, samples_from_prompt_lengths(encoded), pad_id=tokenizer.pad_token_id)
     else:
@@ -105,10 +116,23 @@ def lqs_for_rows(model, tokenizer, rows: list[dict], target_rows: list[dict], st
     return np.asarray(result.scores)
 
 
-def write_scores(path: str | Path, scores: np.ndarray) -> Path:
+def lqs_target_rows(spec: str, train_rows: list[dict], size: int, seed: int) -> list[dict]:
+    """A small clean target set for LQS from a built-in task: a separate draw of its train split,
+    minus the rows being scored, so neither the training rows nor the held-out eval rows leak in."""
+    from .tasks import builtin_rows
+
+    taken = {r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"]) for r in train_rows}
+    fresh = [r for r in builtin_rows(spec, 4 * size, seed + 7919, "train") if r["prompt"] not in taken]
+    if len(fresh) < size:
+        raise ValueError(f"built-in task {spec!r} has too few problems outside the scored rows for an LQS target set "
+                         f"of {size}; pass --target FILE.jsonl")
+    return fresh[:size]
+
+
+def write_scores(path: str | Path, scores: np.ndarray, rows: list[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_scores(path, scores, list(range(len(scores))))
+    save_scores(path, scores, [row_key(r) for r in rows])
     plot_score_histogram(scores, path.with_suffix(".png"))
     return path
 

@@ -72,7 +72,7 @@ def sft(cfg: SFTConfig, order=None, progress: bool = True) -> Path:
     encoded = encode_sft(tokenizer, rows, cfg.max_length)
     if order is None and cfg.data.efficacy is not None:
         from ..data.efficacy_config import efficacy_order_for_sft
-        order = efficacy_order_for_sft(cfg, model, tokenizer, encoded)
+        order = efficacy_order_for_sft(cfg, model, tokenizer, rows, encoded)
     stream = PromptStream([{"i": i} for i in range(len(encoded))], cfg.batch_size, seed=cfg.seed, order=order)
     o = cfg.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay)
