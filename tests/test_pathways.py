@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -30,7 +31,7 @@ from bridgerl.monitor.pathways import (
 )
 from bridgerl.monitor.routing import RoutingCapture, collect_routing, find_router_gates, token_averaged_weights
 
-BACKENDS = ["numpy", "rapidfuzz"]
+BACKENDS = ["bitparallel", "rapidfuzz"]
 FAST = settings(max_examples=40, deadline=None)
 
 
@@ -46,12 +47,7 @@ def reference_levenshtein(a, b) -> int:
 
 
 def backend_available(backend: str) -> bool:
-    if backend == "rapidfuzz":
-        try:
-            import rapidfuzz  # noqa: F401
-        except ImportError:
-            return False
-    return True
+    return backend != "rapidfuzz" or importlib.util.find_spec("rapidfuzz") is not None
 
 
 @pytest.fixture(params=BACKENDS)
@@ -61,7 +57,9 @@ def backend(request):
     return request.param
 
 
-weight_vectors = hnp.arrays(np.float64, st.integers(1, 12), elements=st.floats(0.0, 1.0)).filter(lambda w: w.sum() > 1e-3)
+weight_vectors = hnp.arrays(np.float64, st.integers(1, 12), elements=st.floats(0.0, 1.0)).filter(
+    lambda w: w.sum() > 1e-3
+)
 pathway_text = st.lists(st.lists(st.integers(0, 15), min_size=1, max_size=4), min_size=1, max_size=5).map(
     lambda layers: "-".join(",".join(map(str, layer)) for layer in layers)
 )
@@ -120,6 +118,14 @@ def test_edit_distance_is_a_metric_and_matches_reference(a, b, c):
             assert d(a, c) <= d(a, b) + d(b, c)
             units = (lambda s: s) if level == "char" else pathway_tokens
             assert d(a, b) == reference_levenshtein(units(a), units(b))
+
+
+@FAST
+@given(a=st.text("ab,-1", max_size=80), b=st.text("ab,-1", max_size=80))
+def test_char_distance_matches_reference_on_any_text(a, b):
+    """Covers empty strings and lengths beyond one 64-bit word of the bit-vector kernel."""
+    for backend in [b_ for b_ in BACKENDS if backend_available(b_)]:
+        assert pathway_distance(a, b, "char", backend) == reference_levenshtein(a, b)
 
 
 @settings(max_examples=15, deadline=None)

@@ -181,9 +181,11 @@ class LogConfig(Strict):
 
 
 class PathwaysMonitorConfig(Strict):
+    """Grokking monitors (algorithms.md §5) on a fixed probe set of training samples."""
     every: int = Field(10, gt=0)
-    probe_samples: int = Field(32, gt=0)
+    probe_samples: int = Field(32, ge=2, description="distance compares pairs, so at least 2")
     tau: float = Field(0.7, gt=0, lt=1)
+    level: Literal["char", "expert"] = Field("char", description="edit distance over characters or expert ids")
 
 
 class MonitorConfig(Strict):

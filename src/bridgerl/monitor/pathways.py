@@ -17,7 +17,7 @@ from torch import nn
 
 from bridgerl.monitor.routing import collect_routing, require_router_gates
 
-try:  # C++ bit-parallel Levenshtein; the numpy DP below is the fallback.
+try:  # C++ bit-parallel Levenshtein; the pure-Python bit-vector version below is the fallback.
     from rapidfuzz.distance import Levenshtein as _rf_levenshtein
     from rapidfuzz.process import cdist as _rf_cdist
 except ImportError:  # pragma: no cover - exercised only where rapidfuzz is absent
@@ -89,61 +89,62 @@ def _as_code_string(pathway: str, level: str) -> str:
 # ---------------------------------------------------------------- edit distance
 
 
-def _codes(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+def _pattern_masks(pattern: str) -> dict[str, int]:
+    masks: dict[str, int] = {}
+    for position, unit in enumerate(pattern):
+        masks[unit] = masks.get(unit, 0) | (1 << position)
+    return masks
 
 
-def _levenshtein_numpy(a_list: Sequence[str], b_list: Sequence[str], chunk: int = 4096) -> np.ndarray:
-    """Levenshtein of aligned pairs (a_list[p], b_list[p]), vectorised over pairs and columns.
+def _levenshtein_bitparallel(pattern: str, text: str, masks: dict[str, int] | None = None) -> int:
+    """Levenshtein distance by Myers' bit-vector algorithm (Hyyrö's global-distance form).
 
-    Row i of the DP is computed for all pairs at once; the in-row insertion chain
-    D[i, j] = min_k (t[k] + j − k) is a running minimum, so no loop runs over columns.
+    One DP column lives in the bits of Python ints, so each character of `text` costs a
+    dozen integer operations however long `pattern` is: O(len(text)) Python steps per pair
+    instead of the O(len(text)·len(pattern)) of a cell-by-cell DP.
     """
-    out = np.empty(len(a_list), dtype=np.int64)
-    for start in range(0, len(a_list), chunk):
-        a_codes = [_codes(s) for s in a_list[start : start + chunk]]
-        b_codes = [_codes(s) for s in b_list[start : start + chunk]]
-        n_pairs = len(a_codes)
-        la = np.array([len(x) for x in a_codes])
-        lb = np.array([len(x) for x in b_codes])
-        width_a, width_b = int(la.max(initial=0)), int(lb.max(initial=0))
-        a_pad = np.full((n_pairs, max(width_a, 1)), -1, dtype=np.int64)
-        b_pad = np.full((n_pairs, max(width_b, 1)), -2, dtype=np.int64)  # pads never match
-        for p, (x, y) in enumerate(zip(a_codes, b_codes)):
-            a_pad[p, : len(x)], b_pad[p, : len(y)] = x, y
-        cols = np.arange(width_b + 1)
-        row = np.broadcast_to(cols, (n_pairs, width_b + 1)).copy()
-        result = lb.copy()  # pairs with an empty a
-        rows_idx = np.arange(n_pairs)
-        for i in range(1, width_a + 1):
-            mismatch = a_pad[:, i - 1, None] != b_pad
-            step = np.minimum(row[:, :-1] + mismatch, row[:, 1:] + 1)
-            step = np.concatenate([np.full((n_pairs, 1), i), step], axis=1)
-            row = np.minimum.accumulate(step - cols, axis=1) + cols
-            done = la == i
-            result[done] = row[rows_idx[done], lb[done]]
-        out[start : start + n_pairs] = result
-    return out
+    length = len(pattern)
+    if length == 0:
+        return len(text)
+    masks = masks if masks is not None else _pattern_masks(pattern)
+    full, top = (1 << length) - 1, 1 << (length - 1)
+    plus, minus, score = full, 0, length  # vertical deltas of the first column are all +1
+    for unit in text:
+        match = masks.get(unit, 0)
+        vertical = match | minus
+        horizontal = (((match & plus) + plus) ^ plus) | match
+        h_plus = minus | (~(horizontal | plus) & full)
+        h_minus = plus & horizontal
+        if h_plus & top:
+            score += 1
+        elif h_minus & top:
+            score -= 1
+        h_plus = ((h_plus << 1) | 1) & full  # row 0 of a global alignment grows by 1 per column
+        h_minus = (h_minus << 1) & full
+        plus = h_minus | (~(vertical | h_plus) & full)
+        minus = h_plus & vertical
+    return score
 
 
-def _pairwise_numpy(strings: Sequence[str]) -> np.ndarray:
+def _pairwise_bitparallel(strings: Sequence[str]) -> np.ndarray:
+    masks = [_pattern_masks(s) for s in strings]
     n = len(strings)
-    first, second = np.triu_indices(n, k=1)
     matrix = np.zeros((n, n), dtype=np.int64)
-    if len(first):
-        values = _levenshtein_numpy([strings[i] for i in first], [strings[j] for j in second])
-        matrix[first, second] = values
-        matrix[second, first] = values
+    for i in range(n):
+        for j in range(i + 1, n):
+            # The loop runs over the shorter string; the longer one lives in the bit vectors.
+            p, t = (i, j) if len(strings[i]) >= len(strings[j]) else (j, i)
+            matrix[i, j] = matrix[j, i] = _levenshtein_bitparallel(strings[p], strings[t], masks[p])
     return matrix
 
 
 def _resolve_backend(backend: str) -> str:
-    if backend not in ("auto", "rapidfuzz", "numpy"):
-        raise ValueError(f"backend must be 'auto', 'rapidfuzz' or 'numpy', got {backend!r}")
+    if backend not in ("auto", "rapidfuzz", "bitparallel"):
+        raise ValueError(f"backend must be 'auto', 'rapidfuzz' or 'bitparallel', got {backend!r}")
     if backend == "auto":
-        return "rapidfuzz" if _rf_cdist is not None else "numpy"
+        return "rapidfuzz" if _rf_cdist is not None else "bitparallel"
     if backend == "rapidfuzz" and _rf_cdist is None:
-        raise ValueError("backend='rapidfuzz' needs `pip install rapidfuzz`; or use backend='numpy'.")
+        raise ValueError("backend='rapidfuzz' needs `pip install rapidfuzz`; or use backend='bitparallel'.")
     return backend
 
 
@@ -152,7 +153,8 @@ def pathway_distance(a: str, b: str, level: Level = "char", backend: str = "auto
     a_code, b_code = _as_code_string(a, level), _as_code_string(b, level)
     if _resolve_backend(backend) == "rapidfuzz":
         return int(_rf_levenshtein.distance(a_code, b_code))
-    return int(_levenshtein_numpy([a_code], [b_code])[0])
+    longer, shorter = (a_code, b_code) if len(a_code) >= len(b_code) else (b_code, a_code)
+    return _levenshtein_bitparallel(longer, shorter)
 
 
 def pairwise_distances(pathways: Sequence[str], level: Level = "char", backend: str = "auto") -> np.ndarray:
@@ -160,7 +162,7 @@ def pairwise_distances(pathways: Sequence[str], level: Level = "char", backend: 
     codes = [_as_code_string(p, level) for p in pathways]
     if _resolve_backend(backend) == "rapidfuzz":
         return np.asarray(_rf_cdist(codes, codes, scorer=_rf_levenshtein.distance, dtype=np.int64))
-    return _pairwise_numpy(codes)
+    return _pairwise_bitparallel(codes)
 
 
 def group_distance(pathways: Sequence[str], level: Level = "char", backend: str = "auto") -> float:
@@ -175,7 +177,8 @@ def group_distance(pathways: Sequence[str], level: Level = "char", backend: str 
 def layer_group_distances(weights: np.ndarray, tau: float = 0.7, level: Level = "char") -> np.ndarray:
     """Group distance of each MoE layer's own pathway segment → [L]."""
     weights = np.asarray(weights)
-    return np.array([group_distance(pathway_strings(weights[:, l : l + 1], tau), level) for l in range(weights.shape[1])])
+    layers = range(weights.shape[1])
+    return np.array([group_distance(pathway_strings(weights[:, layer : layer + 1], tau), level) for layer in layers])
 
 
 # ---------------------------------------------------------------- consistency (§5.3)
@@ -198,7 +201,9 @@ def consistency(weights: np.ndarray, router_rows: np.ndarray, eps: float = 1e-8)
     """C_i = 1 − mean_ℓ c_ℓ / (max_ℓ c_ℓ + ε) per sample, and the cosines c [N, L−1].
 
     Smoothness is S = 1 − C. With L = 2 MoE layers there is one cosine and C ≡ 0 by
-    construction, so the metric needs L ≥ 3 to carry information.
+    construction, so the metric needs L ≥ 3 to carry information. The spec's division by
+    max_ℓ c_ℓ is kept as written; where that max is near 0 or negative (typical at
+    initialisation) C swings widely, and the plain mean of `c` is the steadier signal.
     """
     if np.asarray(weights).shape[1] < 2:
         raise ValueError("consistency needs at least 2 MoE layers (it compares adjacent layers).")
@@ -294,12 +299,15 @@ class PathwayMonitor:
         if probe_input_ids.dim() != 2 or probe_input_ids.shape[0] < 2:
             raise ValueError("probe_input_ids must be [samples ≥ 2, tokens]; the distance compares pairs of samples.")
         self.input_ids = probe_input_ids
-        self.attention_mask = probe_attention_mask if probe_attention_mask is not None else torch.ones_like(probe_input_ids)
+        if probe_attention_mask is None:
+            probe_attention_mask = torch.ones_like(probe_input_ids)
+        self.attention_mask = probe_attention_mask
         self.tau, self.level, self.batch_size, self.per_layer = tau, level, batch_size, per_layer
 
     def routing(self, model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
         """Token-averaged weights [N, L, K] and router rows [L, K, d] of the probe set."""
-        weights, rows = collect_routing(model, self.input_ids, self.attention_mask, self.batch_size, require_router_gates(model))
+        gates = require_router_gates(model)
+        weights, rows = collect_routing(model, self.input_ids, self.attention_mask, self.batch_size, gates)
         return weights.numpy(), rows.numpy()
 
     def measure(self, model: nn.Module) -> dict[str, float]:

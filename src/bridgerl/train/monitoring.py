@@ -34,7 +34,7 @@ class LiveMonitor:
 
     def __init__(self, cfg, tokenizer, rows: list[dict]):
         ids, mask = probe_from_rows(tokenizer, rows, cfg.probe_samples)
-        self.monitor = PathwayMonitor(ids, mask, tau=cfg.tau)
+        self.monitor = PathwayMonitor(ids, mask, tau=cfg.tau, level=cfg.level)
         self.every = cfg.every
         self.enabled = True
 
