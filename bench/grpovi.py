@@ -35,7 +35,7 @@ def seed_model(out: Path, task: str, sft_steps: int) -> Path:
 
 
 def run_arm(seed_dir: Path, out: Path, task: str, shaping: str, seed: int, steps: int, eval_every: int,
-            prompts: int, n: int) -> list[dict]:
+            prompts: int, n: int, lr: float, eval_temperature: float) -> list[dict]:
     from bridgerl.config import load_config
     from bridgerl.train.loop import train
 
@@ -44,8 +44,8 @@ def run_arm(seed_dir: Path, out: Path, task: str, shaping: str, seed: int, steps
         f"model.path={seed_dir}", "algo.name=grpo", f"algo.reward_shaping={shaping}", "algo.beta=0.001",
         f"data.train=builtin:{task}", "data.num_train=2000", "data.num_eval=128", f"data.prompts_per_step={prompts}",
         "rewards.tasks={arithmetic: {kind: partial}}", f"rollout.n={n}", "rollout.max_new_tokens=40",
-        "optim.lr=2e-4", f"train.steps={steps}", f"train.seed={seed}", f"train.out_dir={run_dir}",
-        f"eval.every={eval_every}", "eval.max_new_tokens=40", "eval.max_prompts=128", "log.progress=false",
+        f"optim.lr={lr}", f"train.steps={steps}", f"train.seed={seed}", f"train.out_dir={run_dir}",
+        f"eval.every={eval_every}", "eval.max_new_tokens=40", f"eval.temperature={eval_temperature}", "eval.max_prompts=128", "log.progress=false",
         "log.tensorboard=false", "train.save_final=false", "train.device=cpu"])
     train(cfg)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -64,6 +64,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--task", default="arithmetic:easy")
+    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--eval-temperature", type=float, default=1.0,
+                    help="held-out reward of the sampling policy RL optimises (0 = greedy)")
     ap.add_argument("--sft-steps", type=int, default=150)
     ap.add_argument("--gain", type=float, default=0.05, help="threshold = seed held-out reward + gain")
     ap.add_argument("--quick", action="store_true")
@@ -82,7 +85,8 @@ def main() -> None:
     results: dict[str, list] = {"none": [], "variance_increase": []}
     for seed in range(args.seeds):
         for shaping in results:  # arms alternate so machine load hits both alike
-            lines = run_arm(seed_dir, out, args.task, shaping, seed, args.steps, args.eval_every, args.prompts, args.n)
+            lines = run_arm(seed_dir, out, args.task, shaping, seed, args.steps, args.eval_every, args.prompts, args.n,
+                            args.lr, args.eval_temperature)
             curve = [(m["step"], m["eval/score"]) for m in lines if "eval/score" in m]
             steps = [m for m in lines if "reward/mean" in m]
             shaping_share = [m.get("time/shaping", 0.0) / m["time/step"] for m in steps if m.get("time/step")]
