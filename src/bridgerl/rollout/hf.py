@@ -27,7 +27,12 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, top_k:
         drop = probs.cumsum(dim=-1) - probs > top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=rng).squeeze(1)
+    # Inverse-CDF draw: one uniform per row. torch.multinomial draws an exponential per vocabulary
+    # entry, which on CPU costs more than the decode step of a small model. A zero-probability token
+    # is a flat step of the CDF, so it can never be picked.
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    u = torch.rand((cdf.shape[0], 1), generator=rng, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(1)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,8 @@ def grpo_update(policy, reference, batch: Rollouts, rewards: torch.Tensor, algo,
         return metrics | {"loss": 0.0, "tokens/trained": 0.0, "update/skipped": 1.0}
     kept = batch.select(rows)
     adv = advantages.reshape(-1)[rows.to(advantages.device)]
-    chunks = micro_batches(len(rows), kept.lengths, micro_batch)
+    # kept groups stay contiguous (n rows each): chunks keep a prompt's rows together
+    chunks = micro_batches(len(rows), kept.lengths, micro_batch, groups=torch.arange(len(rows)) // n)
     parts = [kept.select(c) for c in chunks]
     ref = [None] * len(parts)
     if algo.beta > 0:

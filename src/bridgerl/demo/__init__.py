@@ -1,0 +1,196 @@
+"""`bridgerl demo`: offline vs semi-online vs online training from one seed, end to end, with a report.
+
+    from bridgerl.demo import run_demo
+    report = run_demo("runs/demo", quick=False, seed=0)
+
+Stages (each cached in its own folder under `out`, so a second run skips what is finished):
+tiny model → seed (SFT) → offline / semi-online ×2 / online DPO, GRPO, OPTune → reward model →
+online DPO, GRPO, GRPO + VI against the reward model → multi-task online DPO → cross-task
+evaluation → report.md + plots. `settings.py` holds the sizes of the full and quick versions.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+
+from .settings import FULL, QUICK, DemoSettings, settings_for
+from .stages import StageResult, StageRunner
+
+__all__ = ["run_demo", "pick_threads", "DemoSettings", "FULL", "QUICK", "settings_for"]
+
+
+def pick_threads(requested: int | None = None) -> int:
+    """Torch CPU threads for the demo: `requested`, else torch's default unless the machine is already
+    busy. Tiny models make many small ops; when other processes hold the cores, a second thread mostly
+    waits for a core (we measured steps several times slower with 2 threads than with 1 on a loaded
+    2-core machine, and 1.7× faster with 2 on an idle one)."""
+    import torch
+
+    if requested:
+        return requested
+    cores = os.cpu_count() or 1
+    threads = torch.get_num_threads()
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > max(0.5, cores - 1.0):
+        threads = 1
+    return threads
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
+             settings: DemoSettings | None = None, log=None, threads: int | None = None) -> Path:
+    """Run (or resume) every stage and write `out/report.md`; returns its path. `threads`: torch CPU
+    threads (None: see pick_threads)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(pick_threads(threads))
+    try:
+        with warnings.catch_warnings():
+            # transformers' save_pretrained warns about its own deprecated attribute on every save
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return _run_demo(Path(out), quick, seed, settings, log)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(out: Path, quick: bool, seed: int, settings: DemoSettings | None, log) -> Path:
+    from . import pipeline as P
+    from .report import demo_report
+
+    st = settings or settings_for(quick)
+    out.mkdir(parents=True, exist_ok=True)
+    regimes, prefs = P.verifiable_regimes(st), P.preference_regimes(st)
+    runner = StageRunner(out, total=2 + len(regimes) + 1 + len(prefs) + 2, **({"log": log} if log else {}))
+    say = runner.say
+    start = time.perf_counter()
+    import torch
+
+    say(f"{'quick' if quick else 'full'} demo in {out}; seed {seed}; "
+        f"each regime: {st.rl_budget()} on {st.rl_task}; {torch.get_num_threads()} torch thread(s)")
+
+    tiny = runner.run("tiny model", out / "tiny", {"arch": st.arch, "size": st.size, "seed": seed},
+                      lambda f: P.stage_tiny(f, st, seed))
+    say(f"  {st.arch}/{st.size}: {tiny.result['params'] / 1e6:.2f} M parameters, saved and loaded back")
+
+    seed_keys = ("sft_task", "sft_rows", "sft_steps", "sft_lr", "sft_batch", "preference_share",
+                 "preference_keyword_share", "rl_task", "num_eval", "max_new_tokens", "mixed_eval_per_task")
+    seeded = runner.run(f"seed: SFT on {st.sft_task} ({st.sft_steps} steps)", out / "seed",
+                        _pick(st, seed_keys) | {"seed": seed}, lambda f: P.stage_seed(f, st, tiny.folder, seed),
+                        deps=[tiny])
+    acc = seeded.result["accuracy"]
+    say(f"  seed held-out accuracy on {st.rl_task}: {acc['mean']:.3f} ± {acc['se']:.3f} (greedy, "
+        f"{st.num_eval} prompts); hidden-rule rate on preference prompts {seeded.result['hidden_rule']['mean']:.2f}")
+    seed_model = Path(seeded.result["model"])
+
+    comparison = []
+    for r in regimes:
+        folder = out / "runs" / r.slug
+        raw = P._merge(P.base_config(st, seed_model, folder, seed), r.overrides)
+        res = runner.run(r.name, folder, raw, lambda f, raw=raw: P.stage_train(f, raw), deps=[seeded])
+        comparison.append((r, res))
+        _say_result(say, res)
+
+    rm_keys = ("rm_steps", "rm_batch", "rm_lr")
+    rm = runner.run("reward model (Bradley-Terry on builtin:preference)", out / "reward_model",
+                    _pick(st, rm_keys) | {"seed": seed}, lambda f: P.stage_reward_model(f, st, tiny.folder, seed),
+                    deps=[tiny])
+    say(f"  reward model held-out pair accuracy: {rm.result['heldout_accuracy']:.3f} "
+        f"({rm.result['heldout_pairs']} pairs)")
+    rm_reward = {"kind": "model", "path": rm.result["model"]}
+
+    preference = []
+    for r in prefs:
+        folder = out / "runs" / r.slug
+        raw = P._merge(P.base_config(st, seed_model, folder, seed), {
+            "data": {"train": "builtin:preference", "num_eval": st.mixed_eval_per_task},
+            "rewards": {"tasks": {"preference": rm_reward}}, "train": {"steps": st.pref_steps},
+            "eval": {"max_prompts": st.mixed_eval_per_task}})
+        raw = P._merge(raw, r.overrides)
+        res = runner.run(f"{r.name} against the reward model", folder, raw,
+                         lambda f, raw=raw: _train_and_rule(P, f, raw, st, seed), deps=[seeded, rm])
+        preference.append((r, res))
+        _say_result(say, res, extra=f"hidden-rule rate {res.result['hidden_rule']['mean']:.2f}")
+
+    folder = out / "runs" / "multitask_online_dpo"
+    raw = _multitask_config(P, folder, st, seed_model, rm_reward, seed)
+    mixed = runner.run("multi-task online DPO (arithmetic + preference in every batch)", folder,
+                       raw | {"mixed_data": _pick(st, ("rl_task", "num_train", "mixed_eval_per_task"))},
+                       lambda f: _multitask(P, f, raw, st, seed), deps=[seeded, rm])
+    _say_result(say, mixed)
+
+    models = {"seed": seed_model,
+              "online DPO, arithmetic only": _final(dict(comparison), "online_dpo"),
+              "online DPO, preference only": _final(dict(preference), "pref_online_dpo"),
+              "online DPO, mixed": mixed.folder / "final"}
+    cross = runner.run("cross-task evaluation (the multi-task table)", out / "cross_eval",
+                       {"models": {k: str(v) for k, v in models.items()}, "seed": seed,
+                        "n": st.mixed_eval_per_task},
+                       lambda f: _cross_eval(P, f, st, models, rm_reward, seed),
+                       deps=[seeded, rm, mixed] + [res for _, res in comparison + preference])
+
+    path, tables = demo_report(out, st, seed, quick, runner, comparison, preference, mixed, cross)
+    say(f"all stages done in {time.perf_counter() - start:.0f} s (this invocation); report: {path}")
+    for title, table in tables:
+        print(f"\n{title}\n{table.text()}", flush=True)
+    return path
+
+
+def _pick(st: DemoSettings, keys: tuple[str, ...]) -> dict:
+    d = st.to_dict()
+    return {k: d[k] for k in keys}
+
+
+def _final(results: dict, slug: str) -> Path:
+    res = next(res for r, res in results.items() if r.slug == slug)
+    return res.folder / "final"
+
+
+def _say_result(say, res: StageResult, extra: str = "") -> None:
+    r = res.result
+    parts = [f"held-out {r['eval/score']:.3f} ± {r['eval/score_se']:.3f}"]
+    for k in sorted(r):
+        if k.count("/") == 2 and k.endswith("/score"):
+            parts.append(f"{k.split('/')[1]} {r[k]:.3f}")
+    if extra:
+        parts.append(extra)
+    say("  " + ", ".join(parts) + f" [{res.wall_s:.0f} s{', cached' if res.cached else ''}]")
+
+
+def _train_and_rule(P, folder: Path, raw: dict, st: DemoSettings, seed: int) -> dict:
+    result = P.stage_train(folder, raw)
+    rule = P.evaluate_model(folder / "final", "builtin:preference", {"preference": P.HIDDEN_RULE},
+                            st.mixed_eval_per_task, st.max_new_tokens, seed, folder / "eval_hidden_rule")
+    est = P.estimate(rule)
+    P.write_summary(folder, {"hidden rule": est})
+    return result | {"hidden_rule": est}
+
+
+def _multitask_config(P, folder: Path, st: DemoSettings, seed_model: Path, rm_reward: dict, seed: int) -> dict:
+    """Online DPO on a jsonl mixing both tasks (written by the stage into its folder)."""
+    return P._merge(P.base_config(st, seed_model, folder, seed), {
+        "algo": {"name": "dpo", "beta": st.dpo_beta}, "reference": {"sync": "with_generator"},
+        "data": {"train": str(folder / "mixed_train.jsonl"), "eval": str(folder / "mixed_heldout.jsonl")},
+        "rewards": {"tasks": {"arithmetic": {"kind": "math"}, "preference": rm_reward}},
+        "eval": {"max_prompts": 2 * st.mixed_eval_per_task}})
+
+
+def _multitask(P, folder: Path, raw: dict, st: DemoSettings, seed: int) -> dict:
+    P.write_mixed_data(folder, st, seed)
+    return P.stage_train(folder, raw)
+
+
+def _cross_eval(P, folder: Path, st: DemoSettings, models: dict, rm_reward: dict, seed: int) -> dict:
+    """Each model on both tasks' held-out prompts (arithmetic accuracy, reward-model score) and the
+    hidden-rule rate of its replies: the paper's multi-task table, in small."""
+    _, heldout = P.write_mixed_data(folder, st, seed)
+    rewards = {"arithmetic": {"kind": "math"}, "preference": rm_reward}
+    table = {}
+    for name, path in models.items():
+        m = P.evaluate_model(path, str(heldout), rewards, 2 * st.mixed_eval_per_task, st.max_new_tokens, seed,
+                             folder / "scratch")
+        rule = P.evaluate_model(path, "builtin:preference", {"preference": P.HIDDEN_RULE}, st.mixed_eval_per_task,
+                                st.max_new_tokens, seed, folder / "scratch")
+        table[name] = {"arithmetic": P.estimate(m, "eval/arithmetic/score"),
+                       "preference": P.estimate(m, "eval/preference/score"), "hidden rule": P.estimate(rule)}
+    return table

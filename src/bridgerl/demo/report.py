@@ -1,0 +1,82 @@
+"""The demo's report.md: the comparison, the reward-model leg and the multi-task table."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from ..report import Section, Table, load_run, write_report
+from ..report.runs import Estimate
+from .settings import DemoSettings
+from .stages import StageResult, StageRunner
+
+__all__ = ["demo_report", "machine_line"]
+
+
+def machine_line() -> str:
+    load = ""
+    if hasattr(os, "getloadavg"):
+        one, five, _ = os.getloadavg()
+        load = f", load average {one:.1f} (1 min) / {five:.1f} (5 min) when the report was written"
+    import torch
+
+    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}){load}")
+
+
+def _est(d: dict) -> str:
+    return Estimate(d["mean"], d.get("se")).format()
+
+
+def demo_report(out: Path, st: DemoSettings, seed: int, quick: bool, runner: StageRunner,
+                comparison: list, preference: list, mixed: StageResult,
+                cross: StageResult) -> tuple[Path, list[tuple[str, Table]]]:
+    def runs_of(pairs):
+        loaded = []
+        for regime, res in pairs:
+            run = load_run(res.folder, name=regime.name)
+            loaded.append(run)
+        return loaded
+
+    seed_res = runner.results[next(k for k in runner.results if k.startswith("seed"))]
+    rm_res = runner.results[next(k for k in runner.results if k.startswith("reward model"))]
+    acc = seed_res.result["accuracy"]
+
+    verifiable = Section(
+        f"Verifiable task ({st.rl_task}): offline → semi-online → online", runs_of(comparison), slug="verifiable",
+        note=(f"Every run starts from the same seed (SFT held-out accuracy {_est(acc)}) with the same budget: "
+              f"{st.rl_budget()}, max {st.max_new_tokens} new tokens, lr {st.lr}. DPO pairs a random correct "
+              "with a random incorrect sample; the reference follows the generator except offline. "
+              "GRPO + VI is not run here: on binary rewards the variance increase returns the rewards "
+              "unchanged (algorithms.md §6), so it would equal GRPO; it runs on the reward-model leg below."))
+
+    pref_runs = runs_of(preference)
+    preference_section = Section(
+        "Non-verifiable task: a tiny reward model on builtin:preference", pref_runs, slug="reward_model",
+        note=(f"The reward model (Bradley–Terry, {st.rm_steps} steps) ranks {rm_res.result['heldout_accuracy']:.1%} "
+              f"of {rm_res.result['heldout_pairs']} held-out pairs correctly. Held-out score is its mean score of "
+              "greedy replies; *hidden rule* is the share of those replies that say \"thanks\", the rule behind "
+              f"the preference data that the policy can only learn through the reward model (seed: "
+              f"{_est(seed_res.result['hidden_rule'])}). {st.pref_steps} steps each; DPO pairs best with worst."))
+
+    cross_rows = [[name] + [_est(v[k]) for k in ("arithmetic", "preference", "hidden rule")]
+                  for name, v in cross.result.items()]
+    cross_table = Table(["model", f"{st.rl_task} accuracy", "reward-model score", "hidden rule"], cross_rows)
+    multitask = Section(
+        "Multi-task: arithmetic and preference prompts in one run (online DPO)",
+        [load_run(mixed.folder, name="online DPO, mixed")], table=cross_table, slug="multitask",
+        note=("Each model is evaluated on both tasks' held-out prompts (the paper's Table 3 in small). The mixed "
+              "run sees both kinds of prompt in every batch; each is scored by its own reward "
+              "(Math-Verify, the reward model)."))
+
+    wall = sum(r.wall_s for r in runner.results.values())
+    preamble = (
+        f"`bridgerl demo{' --quick' if quick else ''} --seed {seed}` on {machine_line()}.\n\n"
+        f"Stage wall times sum to {wall:.0f} s (cached stages count the time they took when they ran). "
+        "Numbers are what the runs measured; with so few evaluation prompts, differences within about two "
+        "standard errors are noise.")
+    sections = [verifiable, preference_section, multitask]
+    for old in (out / "plots").glob("*.png"):  # the demo folder's own plots from an earlier report
+        old.unlink()
+    path = write_report(sections, out, title="bridgerl demo", preamble=preamble)
+    return path, [(s.title, s.comparison()) for s in sections]

@@ -1,0 +1,75 @@
+"""The demo's sizes: one frozen dataclass, a full and a quick preset.
+
+Every number here was chosen by measurement on a 2-core CPU (docs/demo.md says how); a stage's
+cache key is the part of these settings it uses, so changing one re-runs that stage and the
+stages after it, and nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+__all__ = ["DemoSettings", "FULL", "QUICK", "settings_for"]
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    # the tiny policy
+    arch: str = "llama"
+    size: str = "micro"
+    # seed: SFT on worked solutions of the verifiable task, mixed with the preference prompts'
+    # replies (so the seed answers both kinds of prompt)
+    sft_task: str = "arithmetic:operands=2-3,digits=1,ops=+-"
+    sft_rows: int = 4000
+    sft_steps: int = 300
+    sft_lr: float = 3e-3
+    sft_batch: int = 32
+    preference_share: float = 0.2  # share of SFT rows that are preference prompts
+    preference_keyword_share: float = 0.15  # of those, how many replies follow the hidden rule
+    # the comparison (same seed, steps, prompts per step and samples per prompt for every regime)
+    rl_task: str = "arithmetic:operands=2-3,digits=1,ops=+-"
+    steps: int = 150
+    prompts_per_step: int = 16
+    n: int = 8
+    max_new_tokens: int = 40
+    lr: float = 5e-4
+    adam_eps: float = 1e-4
+    grad_clip: float = 0.1
+    dpo_beta: float = 0.1
+    grpo_beta: float = 0.001
+    semi_online: tuple[int, int] = (10, 50)
+    optune_rho: float = 0.5
+    eval_every: int = 25
+    num_eval: int = 400
+    num_train: int = 2000
+    # the non-verifiable leg
+    rm_steps: int = 200
+    rm_batch: int = 32
+    rm_lr: float = 1e-3
+    pref_steps: int = 60
+    mixed_eval_per_task: int = 128
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def rl_budget(self) -> str:
+        return f"{self.steps} steps × {self.prompts_per_step} prompts × {self.n} samples"
+
+
+FULL = DemoSettings()
+
+QUICK = replace(
+    FULL,
+    steps=30,
+    prompts_per_step=8,
+    n=6,
+    semi_online=(3, 10),
+    eval_every=10,
+    num_eval=128,
+    rm_steps=80,
+    pref_steps=20,
+    mixed_eval_per_task=64,
+)
+
+
+def settings_for(quick: bool) -> DemoSettings:
+    return QUICK if quick else FULL
