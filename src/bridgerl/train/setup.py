@@ -163,7 +163,9 @@ def build_run(cfg: Config) -> Run:
     generator = HFGenerator(policy, tokenizer, batch_size=cfg.rollout.batch_size)
     params = [p for p in policy.parameters() if p.requires_grad]
     o = cfg.optim
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay)
+    # Fused AdamW: one kernel over all parameters instead of a Python loop of small ops.
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay,
+                                  fused=all(p.is_floating_point() for p in params))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(o, cfg.train.steps))
     stream = PromptStream(train_rows, cfg.data.prompts_per_step, seed=cfg.train.seed)
     sample_rng = torch.Generator(device=device).manual_seed(cfg.train.seed)
