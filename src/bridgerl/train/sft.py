@@ -89,12 +89,7 @@ def sft(cfg: SFTConfig, order=None, progress: bool = True) -> Path:
     for step in range(1, cfg.steps + 1):
         batch = [encoded[r["id"]] for r in stream.next_batch()]
         loss = completion_loss(model, *collate_sft(batch, tokenizer.pad_token_id, device))
-        loss.backward()
-        if o.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        _descend(loss, model, optimizer, scheduler, o.grad_clip)
         record = monitor.maybe_measure(model, step) if monitor else {}
         if record or step % cfg.log_every == 0 or step == cfg.steps:
             record |= {"step": step, "loss": loss.item(), "time": time.perf_counter() - start}
@@ -155,12 +150,7 @@ def train_reward_model(cfg: RMConfig, progress: bool = True) -> tuple[Path, dict
         batch = [train_rows[i] for i in idx]
         r = scores(texts(batch, "chosen") + texts(batch, "rejected"))
         loss = -F.logsigmoid(r[:len(batch)] - r[len(batch):]).mean()
-        loss.backward()
-        if o.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        _descend(loss, model, optimizer, scheduler, o.grad_clip)
         if bar:
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             bar.update(1)
@@ -178,6 +168,15 @@ def train_reward_model(cfg: RMConfig, progress: bool = True) -> tuple[Path, dict
     tokenizer.save_pretrained(out)
     (out / "rm_metrics.json").write_text(json.dumps(metrics, indent=2))
     return out, metrics
+
+
+def _descend(loss, model, optimizer, scheduler, grad_clip: float) -> None:
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _bar(total: int, desc: str, enabled: bool):
