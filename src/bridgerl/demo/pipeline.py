@@ -75,9 +75,10 @@ def base_config(st: DemoSettings, model: Path, out_dir: Path, seed: int) -> dict
         "data": {"train": f"builtin:{st.rl_task}", "num_train": st.num_train, "num_eval": st.num_eval,
                  "prompts_per_step": st.prompts_per_step},
         "rewards": {"tasks": {"arithmetic": {"kind": "math"}}},
-        "optim": {"lr": st.lr, "adam_eps": st.adam_eps, "grad_clip": st.grad_clip},
+        "optim": {"lr": st.lr, "adam_eps": st.adam_eps, "grad_clip": st.grad_clip, "warmup_steps": st.warmup_steps},
         "train": {"steps": st.steps, "seed": seed, "out_dir": str(out_dir), "micro_batch": 64},
-        "eval": {"every": st.eval_every, "max_prompts": st.num_eval, "max_new_tokens": st.max_new_tokens},
+        "eval": {"every": st.eval_every, "max_prompts": st.num_eval, "max_new_tokens": st.max_new_tokens,
+                 "temperature": st.eval_temperature, "top_p": st.eval_top_p},
         "log": {"tensorboard": False, "progress": True},
     }
 

@@ -33,12 +33,15 @@ class DemoSettings:
     max_new_tokens: int = 40
     lr: float = 5e-4
     adam_eps: float = 1e-4
+    warmup_steps: int = 0
     grad_clip: float = 0.1
     dpo_beta: float = 0.1
     grpo_beta: float = 0.001
     semi_online: tuple[int, int] = (10, 50)
     optune_rho: float = 0.5
     eval_every: int = 25
+    eval_temperature: float = 0.0  # 0 = greedy
+    eval_top_p: float = 1.0
     num_eval: int = 400
     num_train: int = 2000
     # the non-verifiable leg

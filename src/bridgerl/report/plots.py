@@ -54,7 +54,9 @@ def plot_metric(runs: list[RunData], stem: str, path: Path, title: str | None = 
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title, fontsize=10)
+        import textwrap
+
+        ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
