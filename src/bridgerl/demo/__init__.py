@@ -86,7 +86,7 @@ def _run_demo(out: Path, quick: bool, seed: int, settings: DemoSettings | None, 
     comparison = []
     for r in regimes:
         folder = out / "runs" / r.slug
-        raw = P._merge(P.base_config(st, seed_model, folder, seed), r.overrides)
+        raw = P.merge_dicts(P.base_config(st, seed_model, folder, seed), r.overrides)
         res = runner.run(r.name, folder, raw, lambda f, raw=raw: P.stage_train(f, raw), deps=[seeded])
         comparison.append((r, res))
         _say_result(say, res)
@@ -102,11 +102,11 @@ def _run_demo(out: Path, quick: bool, seed: int, settings: DemoSettings | None, 
     preference = []
     for r in prefs:
         folder = out / "runs" / r.slug
-        raw = P._merge(P.base_config(st, seed_model, folder, seed), {
+        raw = P.merge_dicts(P.base_config(st, seed_model, folder, seed), {
             "data": {"train": "builtin:preference", "num_eval": st.mixed_eval_per_task},
             "rewards": {"tasks": {"preference": rm_reward}}, "train": {"steps": st.pref_steps},
             "eval": {"max_prompts": st.mixed_eval_per_task}})
-        raw = P._merge(raw, r.overrides)
+        raw = P.merge_dicts(raw, r.overrides)
         res = runner.run(f"{r.name} against the reward model", folder, raw,
                          lambda f, raw=raw: _train_and_rule(P, f, raw, st, seed), deps=[seeded, rm])
         preference.append((r, res))
@@ -168,7 +168,7 @@ def _train_and_rule(P, folder: Path, raw: dict, st: DemoSettings, seed: int) -> 
 
 def _multitask_config(P, folder: Path, st: DemoSettings, seed_model: Path, rm_reward: dict, seed: int) -> dict:
     """Online DPO on a jsonl mixing both tasks (written by the stage into its folder)."""
-    return P._merge(P.base_config(st, seed_model, folder, seed), {
+    return P.merge_dicts(P.base_config(st, seed_model, folder, seed), {
         "algo": {"name": "dpo", "beta": st.dpo_beta}, "reference": {"sync": "with_generator"},
         "data": {"train": str(folder / "mixed_train.jsonl"), "eval": str(folder / "mixed_heldout.jsonl")},
         "rewards": {"tasks": {"arithmetic": {"kind": "math"}, "preference": rm_reward}},

@@ -11,8 +11,8 @@ from pathlib import Path
 from ..data.tasks import builtin_rows, hidden_rule_score
 from .settings import DemoSettings
 
-__all__ = ["Regime", "verifiable_regimes", "preference_regimes", "hidden_rule_reward", "evaluate_model",
-           "base_config", "stage_tiny", "stage_seed", "stage_reward_model", "stage_train"]
+__all__ = ["Regime", "merge_dicts", "config_from", "verifiable_regimes", "preference_regimes", "hidden_rule_reward",
+           "evaluate_model", "base_config", "stage_tiny", "stage_seed", "stage_reward_model", "stage_train"]
 
 
 def hidden_rule_reward(completions, **_) -> list[float]:
@@ -60,10 +60,10 @@ def preference_regimes(st: DemoSettings) -> list[Regime]:
     ]
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

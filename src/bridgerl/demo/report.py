@@ -57,7 +57,9 @@ def demo_report(out: Path, st: DemoSettings, seed: int, quick: bool, runner: Sta
               f"of {rm_res.result['heldout_pairs']} held-out pairs correctly. Held-out score is its mean score of "
               "greedy replies; *hidden rule* is the share of those replies that say \"thanks\", the rule behind "
               f"the preference data that the policy can only learn through the reward model (seed: "
-              f"{_est(seed_res.result['hidden_rule'])}). {st.pref_steps} steps each; DPO pairs best with worst."))
+              f"{_est(seed_res.result['hidden_rule'])}). {st.pref_steps} steps each; DPO pairs best with worst. "
+              "A reward-model score near its top with a low hidden-rule rate means the policy found replies the "
+              "reward model likes that break the rule (e.g. \"thankso.\"): reward hacking, in small."))
 
     cross_rows = [[name] + [_est(v[k]) for k in ("arithmetic", "preference", "hidden rule")]
                   for name, v in cross.result.items()]

@@ -17,7 +17,8 @@ __all__ = ["find_smollm2_gguf", "prepare_smollm2", "smollm2_config", "run_smollm
 RG_TASK = "basic_arithmetic"
 # two terms, addition only: the 135M model (Q4_1 weights) gets some right and sometimes boxes its answer, so
 # groups have reward variance and GRPO has something to learn from
-RG_OPTIONS = 'min_terms=2,max_terms=2,min_digits=1,max_digits=2,operators=["+"],allow_negation=false,allow_parentheses=false'
+RG_OPTIONS = ('min_terms=2,max_terms=2,min_digits=1,max_digits=2,operators=["+"],allow_negation=false,'
+              'allow_parentheses=false')
 
 
 
@@ -65,7 +66,8 @@ def smollm2_config(model_dir: str | Path, out_dir: str | Path, steps: int = 4) -
         "model": {"path": str(model_dir)},
         "algo": {"name": "grpo", "beta": 0.0},
         "rollout": {"sync_every": 1, "n": 8, "max_new_tokens": 48, "temperature": 1.0},
-        "data": {"train": f"builtin:rg:{RG_TASK}:{RG_OPTIONS}", "num_train": 200, "num_eval": 16, "prompts_per_step": 2},
+        "data": {"train": f"builtin:rg:{RG_TASK}:{RG_OPTIONS}", "num_train": 200, "num_eval": 16,
+                 "prompts_per_step": 2},
         "rewards": {"tasks": {f"rg:{RG_TASK}": {"kind": "reasoning_gym"}}},
         "optim": {"lr": 1e-6, "grad_clip": 1.0},
         "train": {"steps": steps, "out_dir": str(out_dir), "micro_batch": 16, "save_final": False},

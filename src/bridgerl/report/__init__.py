@@ -72,16 +72,18 @@ def write_report(sections: list[Section], out_dir: str | Path, title: str = "bri
 
 
 def _column_notes() -> str:
-    return ("Columns: *held-out* is the final greedy score on the held-out split (accuracy for verifiable "
-            "tasks, mean reward-model score otherwise), mean ± standard error over the evaluation prompts; "
-            "*last 3 evals* averages the last three evaluations (the final one included; independent standard "
-            "errors assumed), which steadies a toy run's score swings; *step 0* is the same evaluation before training. *train reward* is the mean reward of the "
-            "training samples over the last 10 steps (OPTune: its freshly generated samples only; offline: "
-            "samples of the seed). *wall s* sums the training steps' time (generation, reward, update), "
-            "without evaluation. *s* is `rollout.sync_every` (∞ = offline).")
+    return ("Columns: *held-out* is the score on the held-out split (accuracy for verifiable tasks, mean "
+            "reward-model score otherwise), mean ± standard error over the evaluation prompts, at the final "
+            "evaluation; *last 3 evals* averages the last three evaluations (independent standard errors "
+            "assumed), which steadies a toy run's swings; *step 0* is the evaluation before training. "
+            "*train reward* is the mean reward of the training samples over the last 10 steps (OPTune: its "
+            "freshly generated samples only; offline: samples of the seed). *wall s* sums the training "
+            "steps' time (generation, reward, update), without evaluation. *s* is `rollout.sync_every` "
+            "(∞ = offline).")
 
 
-def build_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "bridgerl report") -> tuple[Path, Table]:
+def build_report(run_dirs: list[str | Path], out_dir: str | Path,
+                 title: str = "bridgerl report") -> tuple[Path, Table]:
     """Report for any run folders: one table and one set of plots; returns (report.md, table)."""
     if not run_dirs:
         raise ValueError("give at least one run folder")
