@@ -181,6 +181,9 @@ def gguf_to_hf(gguf_dir: str, gguf_file: str, out_dir: str) -> Path:
     if (out / "config.json").exists():
         return out
     model = load_causal_lm(gguf_dir, gguf_file=gguf_file)
+    if getattr(model, "hf_quantizer", None) is not None:
+        # transformers 5 refuses to save a GGUF-loaded model; its weights are already dequantized.
+        model.hf_quantizer.remove_quantization_config(model)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
