@@ -31,14 +31,22 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
-def cmd_train(args) -> int:
-    from .config import ConfigError, load_config
-    from .train.loop import train
+def _load(command: str, cls_name: str, args):
+    """The command's config tree from YAML + overrides, or None after printing why not."""
+    from . import config
 
     try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"bridgerl train: {err}", file=sys.stderr)
+        return config.load_typed(getattr(config, cls_name), args.config, args.overrides)
+    except (config.ConfigError, FileNotFoundError) as err:
+        print(f"bridgerl {command}: {err}", file=sys.stderr)
+        return None
+
+
+def cmd_train(args) -> int:
+    from .train.loop import train
+
+    cfg = _load("train", "Config", args)
+    if cfg is None:
         return 2
     if args.out:
         cfg.train.out_dir = args.out
@@ -66,13 +74,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    from .config import ConfigError, SFTConfig, load_typed
     from .train.sft import sft
 
-    try:
-        cfg = load_typed(SFTConfig, args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"bridgerl sft: {err}", file=sys.stderr)
+    cfg = _load("sft", "SFTConfig", args)
+    if cfg is None:
         return 2
     _quiet_transformers()
     print(f"[bridgerl] fine-tuned model written to {sft(cfg)}")
@@ -80,13 +85,10 @@ def cmd_sft(args) -> int:
 
 
 def cmd_rm(args) -> int:
-    from .config import ConfigError, RMConfig, load_typed
     from .train.sft import train_reward_model
 
-    try:
-        cfg = load_typed(RMConfig, args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"bridgerl rm: {err}", file=sys.stderr)
+    cfg = _load("rm", "RMConfig", args)
+    if cfg is None:
         return 2
     _quiet_transformers()
     path, metrics = train_reward_model(cfg)
@@ -96,13 +98,10 @@ def cmd_rm(args) -> int:
 
 def cmd_score(args) -> int:
     """Score training rows (RL prompts, or SFT samples with --sft) and write a scores file."""
-    from .config import ConfigError, SFTConfig, load_config, load_typed
     from .data import efficacy_config as eff
 
-    try:
-        cfg = load_typed(SFTConfig, args.config, args.overrides) if args.sft else load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"bridgerl score: {err}", file=sys.stderr)
+    cfg = _load("score", "SFTConfig" if args.sft else "Config", args)
+    if cfg is None:
         return 2
     _quiet_transformers()
     if args.sft:
