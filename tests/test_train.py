@@ -189,17 +189,77 @@ def test_grpovi_shaping_in_the_loop_raises_variance_and_keeps_mean(tmp_path, tin
         "algo.name=grpo", "algo.reward_shaping=variance_increase", "rewards.tasks.arithmetic.kind=partial",
         f"train.out_dir={tmp_path / 'vi'}"])
     run = build_run(cfg)
-    from bridgerl.train.loop import Timer, rollouts_for
+    from bridgerl.train.loop import Timer, reference_for, rollouts_for
     from bridgerl.train.shaping import shape_rewards
 
     rows = run.stream.next_batch()
     batch, rewards, _ = rollouts_for(run, rows, Timer())
     rewards = torch.rand(len(rows), cfg.rollout.n)  # graded rewards with a spread in every group
-    shaped, m = shape_rewards(run, rows, batch, rewards)
+    shaped, m = shape_rewards(run, rows, rewards, reference_for(run, batch, rewards))
     assert m["reward/var_after"] >= m["reward/var_before"]
     assert ((shaped >= 0) & (shaped <= 1)).all()
     metrics = train_step(run)
     assert "reward/var_before" in metrics and metrics["reward/var_after"] >= metrics["reward/var_before"] - 1e-9
+
+
+def count_forwards(model) -> list[int]:
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_grpo_reads_reference_logprobs_once_per_batch(tmp_path, tiny_model_dir):
+    """GRPOVI's p and the KL term share one reference pass; when the reference holds the sampling
+    weights (here: rows from the seed model) the sampler's own log-probs stand in and no pass runs."""
+    cfg = load_config(write_config(tmp_path, tiny_model_dir), BASE + [
+        "algo.name=grpo", "algo.beta=0.1", "algo.reward_shaping=variance_increase", "train.micro_batch=4",
+        "rollout.temperature=1.5", f"train.out_dir={tmp_path / 'ref'}"])
+    run = build_run(cfg)
+    calls = count_forwards(run.reference)
+    from bridgerl.train.loop import Timer, reference_for, rollouts_for
+    from bridgerl.train.shaping import shape_rewards
+    from bridgerl.train.updates import grpo_update, reference_logprobs
+
+    rows, n = run.stream.next_batch(), cfg.rollout.n
+    batch, _, _ = rollouts_for(run, rows, Timer())
+    rewards = torch.rand(len(rows), n)
+    given = reference_for(run, batch, rewards)
+    assert calls[0] == 0 and given is batch.gen_logprobs
+    everything = reference_logprobs(run.reference, batch, torch.arange(len(rows) * n), 4, n)
+    assert torch.allclose(given, everything, atol=1e-4)  # the stand-in equals a real reference pass
+
+    run.generator.load_weights(run.policy, 1)  # rows from other weights than the reference's
+    batch, _, _ = rollouts_for(run, rows, Timer())
+    rewards[0] = 0.5  # a group without spread: neither shaped nor trained, so no reference pass
+    calls[0] = 0
+    ref = reference_for(run, batch, rewards)
+    chunks = -(-(len(rows) - 1) * n // 4)
+    assert 0 < calls[0] <= 2 * chunks  # a prompt prefill + a completion pass per micro-batch at most
+    assert (ref[:n] == 0).all() and (ref[n:] != 0).any()
+    shaped, _ = shape_rewards(run, rows, rewards, ref)
+    before = calls[0]
+    shared = grpo_update(run.policy, run.reference, batch, shaped, cfg.algo, 4, 1, lambda: {}, ref)
+    assert calls[0] == before  # the update reads them, it does not recompute them
+    run.policy.zero_grad()
+    own = grpo_update(run.policy, run.reference, batch, shaped, cfg.algo, 4, 1, lambda: {})
+    assert calls[0] > before and own["loss"] == pytest.approx(shared["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("sync,ref_sync,passes", [(0, "never", False), (1, "with_generator", False),
+                                                   (1, "never", True)])
+def test_dpo_skips_the_reference_pass_when_it_holds_the_sampling_weights(tmp_path, tiny_model_dir, sync,
+                                                                         ref_sync, passes):
+    reward = tmp_path / "length.py"  # graded by length: every group has a best and a worst
+    reward.write_text("def score(prompts, completions, **_):\n    return [float(len(c)) for c in completions]\n")
+    cfg = load_config(write_config(tmp_path, tiny_model_dir), BASE + [
+        "algo.name=dpo", "rewards.tasks.arithmetic.kind=python", f"rewards.tasks.arithmetic.function={reward}:score",
+        "rollout.temperature=1.5", f"rollout.sync_every={sync}", f"reference.sync={ref_sync}",
+        f"train.out_dir={tmp_path / 'dpo'}"])
+    run = build_run(cfg)
+    calls = count_forwards(run.reference)
+    steps = [train_step(run) for _ in range(3)]
+    assert all(m["dpo/pairs"] > 0 for m in steps)
+    assert (calls[0] > 0) == passes
 
 
 @pytest.mark.parametrize("rho", [0.0, 1.0])

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..config import Config, DPOConfig, dump_config
+from ..config import Config, DPOConfig, GRPOConfig, dump_config
 from ..rollout.types import Rollouts, concat_rollouts
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import evaluate
@@ -14,7 +14,7 @@ from .exploration import optune_rollouts
 from .logger import MetricsLogger
 from .setup import Run, build_run
 from .shaping import shape_rewards
-from .updates import dpo_update, grpo_update
+from .updates import dpo_update, grpo_update, reference_logprobs, spread_rows
 
 
 class Timer:
@@ -48,17 +48,19 @@ def train_step(run: Run) -> dict:
         else:
             batch, rewards, fresh = rollouts_for(run, rows, timer)
             rewards = rewards.view(len(rows), cfg.rollout.n)
+    with timer("reference"):
+        ref_logps = reference_for(run, batch, rewards)
     with timer("shaping"):
-        rewards, shaping_metrics = shape_rewards(run, rows, batch, rewards)
+        rewards, shaping_metrics = shape_rewards(run, rows, rewards, ref_logps)
     with timer("update"):
         step_fn = lambda: optimizer_step(run)  # noqa: E731
         if isinstance(cfg.algo, DPOConfig):
             binary = torch.tensor([r["task"] in run.binary_tasks for r in rows])
             update = dpo_update(run.policy, run.reference, batch, rewards, binary, cfg.algo,
-                                cfg.train.micro_batch, step_fn, run.pair_rng, pairs, weights)
+                                cfg.train.micro_batch, step_fn, run.pair_rng, pairs, weights, ref_logps)
         else:
             update = grpo_update(run.policy, run.reference, batch, rewards, cfg.algo, cfg.train.micro_batch,
-                                 run.step, step_fn)
+                                 run.step, step_fn, ref_logps)
     run.step += 1
     metrics = rollout_metrics(run, rows, batch, rewards, fresh) | shaping_metrics | update | timing(timer)
     if metrics.get("tokens/generated") and timer.seconds.get("generate"):
@@ -88,6 +90,34 @@ def rollouts_for(run: Run, rows: list[dict], timer: Timer) -> tuple[Rollouts, to
     parts = [run.cache[r["id"]] for r in rows]
     batch = concat_rollouts([p[0] for p in parts], run.tokenizer.pad_token_id)
     return batch, torch.cat([p[1] for p in parts]).float(), fresh
+
+
+def reference_for(run: Run, batch: Rollouts, rewards: torch.Tensor) -> torch.Tensor | None:
+    """The reference's token log-probs [B, T], once per batch, or None when the update computes its own.
+
+    When the reference holds the very weights that sampled every row, they are the sampler's own
+    log-probs (recorded at temperature 1) and no forward runs. Otherwise GRPO computes them here for
+    the groups that train, so GRPOVI's p and the KL term share one forward; DPO computes only its
+    pairs' rows, inside the update."""
+    if run.reference is None:
+        return None
+    version = reference_weights_version(run)
+    if version is not None and bool((batch.versions == version).all()):
+        return batch.gen_logprobs
+    if isinstance(run.cfg.algo, GRPOConfig):
+        return reference_logprobs(run.reference, batch, spread_rows(rewards), run.cfg.train.micro_batch, rewards.shape[1])
+    return None
+
+
+def reference_weights_version(run: Run) -> int | None:
+    """Which generator version's weights the reference holds, if any: the initial policy (version
+    0) unless loaded from its own path; the generator's current weights when synced with it."""
+    ref = run.cfg.reference
+    if ref.sync == "with_generator" and (ref.path is None or run.generator.version > 0):
+        return run.generator.version
+    if ref.sync == "never" and ref.path is None:
+        return 0
+    return None
 
 
 def optimizer_step(run: Run) -> dict:

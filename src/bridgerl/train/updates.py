@@ -17,26 +17,53 @@ def _mean_metrics(items: list[dict]) -> dict[str, float]:
     return {k: sum(m[k] for m in items if k in m) / sum(1 for m in items if k in m) for k in keys}
 
 
+def spread_rows(rewards: torch.Tensor) -> torch.Tensor:
+    """Rows of the groups whose rewards differ ([G, n] → row indices): the only ones that train."""
+    G, n = rewards.shape
+    keep = rewards.max(dim=1).values > rewards.min(dim=1).values
+    return keep.repeat_interleave(n).nonzero().squeeze(1)
+
+
+def grpo_chunks(rows: torch.Tensor, lengths: torch.Tensor, micro_batch: int, n: int) -> list[torch.Tensor]:
+    """Micro-batches (positions into `rows`) that keep each group's n contiguous rows together."""
+    return micro_batches(len(rows), lengths, micro_batch, groups=torch.arange(len(rows)) // n)
+
+
+def reference_logprobs(reference, batch: Rollouts, rows: torch.Tensor, micro_batch: int, n: int) -> torch.Tensor:
+    """The reference's per-token log-probs [B, T] for `rows` of the batch (zero elsewhere), computed
+    once per batch without grad; GRPOVI's p and GRPO's KL term both read them."""
+    out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.completion_ids.device)
+    if rows.numel() == 0:
+        return out
+    sub = batch.select(rows)
+    with torch.no_grad():
+        for chunk in grpo_chunks(rows, sub.lengths, micro_batch, n):
+            logps = token_logprobs(reference, sub.select(chunk))[0]
+            out[rows[chunk.to(rows.device)], :logps.shape[1]] = logps.float()
+    return out
+
+
 def grpo_update(policy, reference, batch: Rollouts, rewards: torch.Tensor, algo, micro_batch: int,
-                policy_version: int, step_fn: Callable[[], dict]) -> dict:
-    """rewards [G, n] (already shaped). Zero-variance groups carry no gradient and are dropped."""
+                policy_version: int, step_fn: Callable[[], dict], ref_logps: torch.Tensor | None = None) -> dict:
+    """rewards [G, n] (already shaped). Zero-variance groups carry no gradient and are dropped.
+    `ref_logps` [B, T]: the reference's token log-probs of the trained rows, if already at hand."""
     G, n = rewards.shape
     advantages = group_advantages(rewards, algo.normalize_std)
     keep = rewards.max(dim=1).values > rewards.min(dim=1).values
     metrics = {"groups/skipped": float(G - keep.sum().item()),
                "tokens/skipped": float(batch.completion_mask.view(G, n, -1)[~keep].sum().item())}
-    rows = keep.repeat_interleave(n).nonzero().squeeze(1)
+    rows = spread_rows(rewards)
     if rows.numel() == 0:
         return metrics | {"loss": 0.0, "tokens/trained": 0.0, "update/skipped": 1.0}
     kept = batch.select(rows)
     adv = advantages.reshape(-1)[rows.to(advantages.device)]
-    # kept groups stay contiguous (n rows each): chunks keep a prompt's rows together
-    chunks = micro_batches(len(rows), kept.lengths, micro_batch, groups=torch.arange(len(rows)) // n)
+    chunks = grpo_chunks(rows, kept.lengths, micro_batch, n)
     parts = [kept.select(c) for c in chunks]
     ref = [None] * len(parts)
     if algo.beta > 0:
-        with torch.no_grad():
-            ref = [token_logprobs(reference, mb)[0] for mb in parts]
+        if ref_logps is None:
+            ref_logps = reference_logprobs(reference, batch, rows, micro_batch, n)
+        ref = [ref_logps[rows[c.to(rows.device)], :mb.completion_ids.shape[1]] for c, mb in zip(chunks, parts)]
     normalizer = {"sum": float(n), "token_mean": float(kept.completion_mask.sum().item()),
                   "seq_mean": float(len(rows))}[algo.aggregation]
     # On-policy (the generator holds this very policy) the ratio is exactly 1: old = current,
@@ -64,12 +91,13 @@ def grpo_update(policy, reference, batch: Rollouts, rewards: torch.Tensor, algo,
 def dpo_update(policy, reference, batch: Rollouts, rewards: torch.Tensor, binary: torch.Tensor, algo,
                micro_batch: int, step_fn: Callable[[], dict], rng: torch.Generator | None = None,
                pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-               weights: torch.Tensor | None = None) -> dict:
+               weights: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None) -> dict:
     """One DPO update. `pairs` (valid, chosen, rejected) may be given (OPTune); otherwise built per
-    group: random correct-vs-incorrect where `binary`, best-vs-worst elsewhere."""
+    group: random correct-vs-incorrect where `binary`, best-vs-worst elsewhere. `ref_logps` [B, T]:
+    the reference's token log-probs of the batch, if already at hand."""
     G, n = rewards.shape
     if algo.group:
-        return _group_dpo_update(policy, reference, batch, rewards, algo, micro_batch, step_fn)
+        return _group_dpo_update(policy, reference, batch, rewards, algo, micro_batch, step_fn, ref_logps)
     if pairs is None:
         if algo.pairs != "auto":
             binary = torch.full_like(binary, algo.pairs == "random")
@@ -86,10 +114,10 @@ def dpo_update(policy, reference, batch: Rollouts, rewards: torch.Tensor, binary
     collected, total, trained = [], 0.0, 0.0
     for chunk in torch.arange(P).split(max(1, micro_batch // 2)):
         k = len(chunk)
-        mb = batch.select(torch.cat([chosen_rows[chunk], rejected_rows[chunk]]))
+        rows = torch.cat([chosen_rows[chunk], rejected_rows[chunk]])
+        mb = batch.select(rows)
         lengths = mb.completion_mask.sum(dim=1).clamp(min=1)
-        with torch.no_grad():
-            ref_seq = _sequence(token_logprobs(reference, mb)[0], lengths, algo.length_normalize)
+        ref_seq = _sequence(_reference(reference, mb, rows, ref_logps), lengths, algo.length_normalize)
         logps, entropy = token_logprobs(policy, mb, with_entropy=need_entropy)
         seq = _sequence(logps, lengths, algo.length_normalize)
         w = weights[chunk] if weights is not None else None
@@ -113,7 +141,15 @@ def _sequence(logps: torch.Tensor, lengths: torch.Tensor, normalize: bool) -> to
     return summed / lengths if normalize else summed
 
 
-def _group_dpo_update(policy, reference, batch, rewards, algo, micro_batch, step_fn) -> dict:
+def _reference(reference, mb: Rollouts, rows: torch.Tensor, ref_logps: torch.Tensor | None) -> torch.Tensor:
+    """The reference's token log-probs of micro-batch `mb` (= batch rows `rows`): given, or computed."""
+    if ref_logps is not None:
+        return ref_logps[rows.to(ref_logps.device), :mb.completion_ids.shape[1]]
+    with torch.no_grad():
+        return token_logprobs(reference, mb)[0]
+
+
+def _group_dpo_update(policy, reference, batch, rewards, algo, micro_batch, step_fn, ref_logps=None) -> dict:
     G, n = rewards.shape
     keep = (rewards.max(dim=1).values > rewards.min(dim=1).values).nonzero().squeeze(1)
     metrics = {"groups/skipped": float(G - len(keep))}
@@ -124,8 +160,7 @@ def _group_dpo_update(policy, reference, batch, rewards, algo, micro_batch, step
         rows = (chunk[:, None] * n + torch.arange(n)).reshape(-1)
         mb = batch.select(rows)
         lengths = mb.completion_mask.sum(dim=1).clamp(min=1)
-        with torch.no_grad():
-            ref_seq = _sequence(token_logprobs(reference, mb)[0], lengths, algo.length_normalize).view(-1, n)
+        ref_seq = _sequence(_reference(reference, mb, rows, ref_logps), lengths, algo.length_normalize).view(-1, n)
         seq = _sequence(token_logprobs(policy, mb)[0], lengths, algo.length_normalize).view(-1, n)
         loss, m = group_dpo_loss(seq, ref_seq, rewards[chunk].to(seq.device), algo.beta)
         loss = loss / len(keep)
