@@ -245,16 +245,17 @@ def test_grpo_reads_reference_logprobs_once_per_batch(tmp_path, tiny_model_dir):
     assert calls[0] > before and own["loss"] == pytest.approx(shared["loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize("sync,ref_sync,passes", [(0, "never", False), (1, "with_generator", False),
-                                                   (1, "never", True)])
+@pytest.mark.parametrize("sync,ref_sync,extra,passes", [
+    (0, "never", [], False), (1, "with_generator", [], False), (1, "never", [], True),
+    (1, "with_generator", ["algo.exploration={rho: 1.0}"], True)])  # OPTune's stored pairs carry no sampler log-probs
 def test_dpo_skips_the_reference_pass_when_it_holds_the_sampling_weights(tmp_path, tiny_model_dir, sync,
-                                                                         ref_sync, passes):
+                                                                         ref_sync, extra, passes):
     reward = tmp_path / "length.py"  # graded by length: every group has a best and a worst
     reward.write_text("def score(prompts, completions, **_):\n    return [float(len(c)) for c in completions]\n")
     cfg = load_config(write_config(tmp_path, tiny_model_dir), BASE + [
         "algo.name=dpo", "rewards.tasks.arithmetic.kind=python", f"rewards.tasks.arithmetic.function={reward}:score",
         "rollout.temperature=1.5", f"rollout.sync_every={sync}", f"reference.sync={ref_sync}",
-        f"train.out_dir={tmp_path / 'dpo'}"])
+        f"train.out_dir={tmp_path / 'dpo'}", *extra])
     run = build_run(cfg)
     calls = count_forwards(run.reference)
     steps = [train_step(run) for _ in range(3)]

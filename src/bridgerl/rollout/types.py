@@ -23,6 +23,7 @@ class Rollouts:
     versions: torch.Tensor  # [S] long, generator weights version that produced each sample
     completions: list[str]  # S decoded completions (special tokens stripped)
     n: int  # samples per prompt
+    sampled: bool = True  # False when rebuilt from stored tokens: gen_logprobs/gen_entropy are then zeros
 
     @property
     def num_groups(self) -> int:
@@ -49,6 +50,7 @@ class Rollouts:
             versions=self.versions[rows],
             completions=[self.completions[i] for i in rows.tolist()],
             n=n if n is not None else self.n,
+            sampled=self.sampled,
         )
 
     def to(self, device) -> "Rollouts":
@@ -79,6 +81,7 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
         versions=torch.cat([p.versions for p in parts]),
         completions=[c for p in parts for c in p.completions],
         n=parts[0].n,
+        sampled=all(p.sampled for p in parts),
     )
 
 
@@ -110,4 +113,4 @@ def rollouts_from_tokens(prompts: list[list[int]], completions: list[list[int]],
             completion_mask[i, :len(c)] = 1
     zeros = torch.zeros((S, T))
     return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, zeros, zeros.clone(),
-                    torch.tensor(versions, dtype=torch.long), texts or [""] * S, n)
+                    torch.tensor(versions, dtype=torch.long), texts or [""] * S, n, sampled=False)

@@ -102,7 +102,7 @@ def reference_for(run: Run, batch: Rollouts, rewards: torch.Tensor) -> torch.Ten
     if run.reference is None:
         return None
     version = reference_weights_version(run)
-    if version is not None and bool((batch.versions == version).all()):
+    if batch.sampled and version is not None and bool((batch.versions == version).all()):
         return batch.gen_logprobs
     if isinstance(run.cfg.algo, GRPOConfig):
         return reference_logprobs(run.reference, batch, spread_rows(rewards), run.cfg.train.micro_batch, rewards.shape[1])
