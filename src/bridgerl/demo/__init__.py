@@ -69,15 +69,7 @@ def _run_demo(out: Path, quick: bool, seed: int, settings: DemoSettings | None, 
     say(f"{'quick' if quick else 'full'} demo in {out}; seed {seed}; "
         f"each regime: {st.rl_budget()} on {st.rl_task}; {torch.get_num_threads()} torch thread(s)")
 
-    tiny = runner.run("tiny model", out / "tiny", {"arch": st.arch, "size": st.size, "seed": seed},
-                      lambda f: P.stage_tiny(f, st, seed))
-    say(f"  {st.arch}/{st.size}: {tiny.result['params'] / 1e6:.2f} M parameters, saved and loaded back")
-
-    seed_keys = ("sft_task", "sft_rows", "sft_steps", "sft_lr", "sft_batch", "preference_share",
-                 "preference_keyword_share", "rl_task", "num_eval", "max_new_tokens", "mixed_eval_per_task")
-    seeded = runner.run(f"seed: SFT on {st.sft_task} ({st.sft_steps} steps)", out / "seed",
-                        _pick(st, seed_keys) | {"seed": seed}, lambda f: P.stage_seed(f, st, tiny.folder, seed),
-                        deps=[tiny])
+    tiny, seeded = tiny_and_seed_stages(runner, out, st, seed)
     acc = seeded.result["accuracy"]
     say(f"  seed held-out accuracy on {st.rl_task}: {acc['mean']:.3f} ± {acc['se']:.3f} (greedy, "
         f"{st.num_eval} prompts); hidden-rule rate on preference prompts {seeded.result['hidden_rule']['mean']:.2f}")
@@ -91,10 +83,7 @@ def _run_demo(out: Path, quick: bool, seed: int, settings: DemoSettings | None, 
         comparison.append((r, res))
         _say_result(say, res)
 
-    rm_keys = ("rm_steps", "rm_batch", "rm_lr")
-    rm = runner.run("reward model (Bradley-Terry on builtin:preference)", out / "reward_model",
-                    _pick(st, rm_keys) | {"seed": seed}, lambda f: P.stage_reward_model(f, st, tiny.folder, seed),
-                    deps=[tiny])
+    rm = reward_model_stage(runner, out, st, seed, tiny)
     say(f"  reward model held-out pair accuracy: {rm.result['heldout_accuracy']:.3f} "
         f"({rm.result['heldout_pairs']} pairs)")
     rm_reward = {"kind": "model", "path": rm.result["model"]}
@@ -102,11 +91,7 @@ def _run_demo(out: Path, quick: bool, seed: int, settings: DemoSettings | None, 
     preference = []
     for r in prefs:
         folder = out / "runs" / r.slug
-        raw = P.merge_dicts(P.base_config(st, seed_model, folder, seed), {
-            "data": {"train": "builtin:preference", "num_eval": st.mixed_eval_per_task},
-            "rewards": {"tasks": {"preference": rm_reward}}, "train": {"steps": st.pref_steps},
-            "eval": {"max_prompts": st.mixed_eval_per_task}})
-        raw = P.merge_dicts(raw, r.overrides)
+        raw = P.merge_dicts(P.preference_config(st, seed_model, folder, seed, rm_reward), r.overrides)
         res = runner.run(f"{r.name} against the reward model", folder, raw,
                          lambda f, raw=raw: _train_and_rule(P, f, raw, st, seed), deps=[seeded, rm])
         preference.append((r, res))
@@ -134,6 +119,30 @@ def _run_demo(out: Path, quick: bool, seed: int, settings: DemoSettings | None, 
     for title, table in tables:
         print(f"\n{title}\n{table.text()}", flush=True)
     return path
+
+
+def tiny_and_seed_stages(runner: StageRunner, out: Path, st: DemoSettings, seed: int):
+    """The tiny model and its SFT seed, as cached stages under `out` (shared with bench/optune.py)."""
+    from . import pipeline as P
+
+    tiny = runner.run("tiny model", out / "tiny", {"arch": st.arch, "size": st.size, "seed": seed},
+                      lambda f: P.stage_tiny(f, st, seed))
+    runner.say(f"  {st.arch}/{st.size}: {tiny.result['params'] / 1e6:.2f} M parameters, saved and loaded back")
+    seed_keys = ("sft_task", "sft_rows", "sft_steps", "sft_lr", "sft_batch", "preference_share",
+                 "preference_keyword_share", "rl_task", "num_eval", "max_new_tokens", "mixed_eval_per_task")
+    seeded = runner.run(f"seed: SFT on {st.sft_task} ({st.sft_steps} steps)", out / "seed",
+                        _pick(st, seed_keys) | {"seed": seed}, lambda f: P.stage_seed(f, st, tiny.folder, seed),
+                        deps=[tiny])
+    return tiny, seeded
+
+
+def reward_model_stage(runner: StageRunner, out: Path, st: DemoSettings, seed: int, tiny: StageResult) -> StageResult:
+    from . import pipeline as P
+
+    rm_keys = ("rm_steps", "rm_batch", "rm_lr")
+    return runner.run("reward model (Bradley-Terry on builtin:preference)", out / "reward_model",
+                      _pick(st, rm_keys) | {"seed": seed}, lambda f: P.stage_reward_model(f, st, tiny.folder, seed),
+                      deps=[tiny])
 
 
 def _pick(st: DemoSettings, keys: tuple[str, ...]) -> dict:

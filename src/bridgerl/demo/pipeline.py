@@ -12,7 +12,7 @@ from ..data.tasks import builtin_rows, hidden_rule_score
 from .settings import DemoSettings
 
 __all__ = ["Regime", "merge_dicts", "config_from", "verifiable_regimes", "preference_regimes", "hidden_rule_reward",
-           "evaluate_model", "base_config", "stage_tiny", "stage_seed", "stage_reward_model", "stage_train"]
+           "evaluate_model", "base_config", "preference_config", "stage_tiny", "stage_seed", "stage_reward_model", "stage_train"]
 
 
 def hidden_rule_reward(completions, **_) -> list[float]:
@@ -81,6 +81,14 @@ def base_config(st: DemoSettings, model: Path, out_dir: Path, seed: int) -> dict
                  "temperature": st.eval_temperature, "top_p": st.eval_top_p},
         "log": {"tensorboard": False, "progress": True},
     }
+
+
+def preference_config(st: DemoSettings, model: Path, out_dir: Path, seed: int, rm_reward: dict) -> dict:
+    """base_config for the non-verifiable leg: preference prompts scored by the reward model."""
+    return merge_dicts(base_config(st, model, out_dir, seed), {
+        "data": {"train": "builtin:preference", "num_eval": st.mixed_eval_per_task},
+        "rewards": {"tasks": {"preference": rm_reward}}, "train": {"steps": st.pref_steps},
+        "eval": {"max_prompts": st.mixed_eval_per_task}})
 
 
 def evaluate_model(model: Path, data: str, rewards: dict, num: int, max_new_tokens: int, seed: int,
