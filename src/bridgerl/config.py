@@ -46,6 +46,8 @@ class RolloutConfig(SamplingConfig):
     n: int = Field(8, ge=2, description="samples per prompt")
     engine: Literal["hf"] = "hf"
     batch_size: int = Field(256, gt=0, description="sequences per generation call")
+    fast_decode: bool = Field(True, description="Llama/Qwen2: decode with plain torch ops (rollout/decode.py); "
+                                                "false: always the model's own forward")
 
 
 class OPTuneConfig(Strict):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import copy_weights_, frozen_copy
+from .decode import FastDecode, HFDecode, fast_decode_supported
 from .types import Rollouts, concat_rollouts
 
 
@@ -49,8 +50,11 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 class HFGenerator:
     """Samples from its own copy of the policy weights; `version` says which policy step they are."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 256, share_weights: bool = False):
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 256, share_weights: bool = False,
+                 fast_decode: bool = True):
         # share_weights=True samples straight from the given module (used for evaluation).
+        # fast_decode=False always decodes through the model's own forward (rollout/decode.py).
+        self.fast_decode = fast_decode
         self.model = model if share_weights else frozen_copy(model)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -87,13 +91,15 @@ class HFGenerator:
         positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                     use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(n)
-        logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
-        mask = prompt_mask.repeat_interleave(n, dim=0)
-        next_pos = positions[:, -1].repeat_interleave(n, dim=0) + 1
-
         S, T = len(prompts) * n, sampling.max_new_tokens
+        cache = out.past_key_values
+        if self.fast_decode and fast_decode_supported(model):
+            decoder = FastDecode(model, cache, prompt_mask, T, repeat=n)
+        else:
+            cache.batch_repeat_interleave(n)
+            decoder = HFDecode(model, cache, prompt_mask.repeat_interleave(n, dim=0))
+        logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
+        next_pos = positions[:, -1].repeat_interleave(n, dim=0) + 1
         tokens = torch.full((S, T), self.pad_id, dtype=torch.long, device=device)
         logps = torch.zeros((S, T), dtype=torch.float32, device=device)
         entropy = torch.zeros((S, T), dtype=torch.float32, device=device)
@@ -114,12 +120,9 @@ class HFGenerator:
                 keep = (~done).nonzero().squeeze(1)
                 if keep.numel() == 0:
                     break
-                alive, tok, mask, next_pos = alive[keep], tok[keep], mask[keep], next_pos[keep]
-                cache.batch_select_indices(keep)
-            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                        past_key_values=cache, use_cache=True)
-            logits = out.logits[:, -1].float()
+                alive, tok, next_pos = alive[keep], tok[keep], next_pos[keep]
+                decoder.keep(keep)
+            logits = decoder.step(tok, next_pos)
             next_pos = next_pos + 1
         model.train(was_training)
 

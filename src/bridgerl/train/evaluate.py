@@ -16,7 +16,7 @@ def evaluate(run, rows: list[dict] | None = None) -> dict[str, float]:
         return {}
     if run.eval_generator is None:
         run.eval_generator = HFGenerator(run.policy, run.tokenizer, batch_size=run.cfg.rollout.batch_size,
-                                         share_weights=True)
+                                         share_weights=True, fast_decode=run.cfg.rollout.fast_decode)
     gen = run.eval_generator
     # Eval sampling has its own RNG so that evaluating never shifts the training samples.
     rng = torch.Generator(device=run.device).manual_seed(run.cfg.train.seed + 7)

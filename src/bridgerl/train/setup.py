@@ -160,7 +160,8 @@ def build_run(cfg: Config) -> Run:
     if m.lora:
         policy = apply_lora(policy, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
     policy.train()
-    generator = HFGenerator(policy, tokenizer, batch_size=cfg.rollout.batch_size)
+    generator = HFGenerator(policy, tokenizer, batch_size=cfg.rollout.batch_size,
+                            fast_decode=cfg.rollout.fast_decode)
     params = [p for p in policy.parameters() if p.requires_grad]
     o = cfg.optim
     # Fused AdamW: one kernel over all parameters instead of a Python loop of small ops.
