@@ -76,7 +76,9 @@ def read_run(folder: Path) -> dict:
     steps = [m for m in lines if "reward/mean" in m]
     regen = [m["optune/prompts_regenerated"] for m in steps if "optune/prompts_regenerated" in m]
     return {"curve": curve, "tokens": tokens, "seconds": seconds,
-            "regenerated_per_step": statistics.mean(regen) if regen else None}
+            "regenerated_per_step": statistics.mean(regen) if regen else None,
+            "pairs_per_step": statistics.mean(m.get("dpo/pairs", 0.0) for m in steps),
+            "step_seconds": statistics.median(m["time/step"] for m in steps)}
 
 
 def first_reach(curve: list[dict], threshold: float) -> dict | None:
@@ -94,8 +96,8 @@ def summarise(results: dict[str, list[dict]], threshold: float) -> list[str]:
     dpo_reach = [first_reach(r["curve"], threshold) for r in results["online DPO"]]
     lines = ["| arm | final held-out (mean ± sd) | steps to threshold (per seed) | gen. tokens to threshold, "
              "median (k) | train s to threshold, median | speed-up in tokens | speed-up in wall time | "
-             "gen. tokens, whole run (k) | prompts sampled per step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "gen. tokens, whole run (k) | prompts sampled per step | pairs trained per step | s per step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
         finals = [r["curve"][-1]["score"] for r in runs]
         reach = [first_reach(r["curve"], threshold) for r in runs]
@@ -109,7 +111,9 @@ def summarise(results: dict[str, list[dict]], threshold: float) -> list[str]:
                  spread([d["tokens"] / m["tokens"] for d, m in pairs]),
                  spread([d["seconds"] / m["seconds"] for d, m in pairs]),
                  f"{statistics.mean(r['tokens'] for r in runs) / 1e3:.0f}",
-                 f"{statistics.mean(regen):.1f}" if regen else "all"]
+                 f"{statistics.mean(regen):.1f}" if regen else "all",
+                 f"{statistics.mean(r['pairs_per_step'] for r in runs):.1f}",
+                 f"{statistics.median(r['step_seconds'] for r in runs):.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
