@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import statistics
 from pathlib import Path
 
@@ -36,28 +35,11 @@ def find_smollm2_gguf() -> tuple[Path, str]:
 
 
 def prepare_smollm2(out_dir: str | Path) -> Path:
-    """Convert the GGUF checkpoint into `out_dir` (config.json + safetensors + tokenizer) once.
+    """Convert the GGUF checkpoint into `out_dir` (config.json + safetensors + tokenizer) once."""
+    from ..models import gguf_to_hf
 
-    transformers dequantizes GGUF weights to float while loading but keeps a GGUF quantizer on the
-    model that refuses save_pretrained; the weights are plain tensors by then, so dropping the marker
-    is safe. (models.gguf_to_hf currently fails on exactly this.)"""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = Path(out_dir)
-    if (out / "config.json").exists():
-        return out
     folder, name = find_smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)
-    return out
+    return gguf_to_hf(str(folder), name, str(out_dir))
 
 
 def smollm2_config(model_dir: str | Path, out_dir: str | Path, steps: int = 4) -> dict:

@@ -6,9 +6,10 @@ Two implementations behind one interface (`step`, `keep`):
 - `FastDecode` runs Llama-family decoder layers (Llama, SmolLM2, Qwen2 with full attention) as plain
   torch ops over a preallocated KV buffer. A transformers forward spends most of a small model's
   decode step in Python: per-call decorators, mask building, cache bookkeeping and module calls.
-  Here a step is the arithmetic alone (fused q/k/v and gate/up projections, one SDPA per layer),
-  and the logits equal the HF forward's to float rounding (tests/test_generation.py checks both
-  architectures, with left padding and rows leaving the batch).
+  Here a step is the arithmetic alone (RoPE on q and k at once, one SDPA per layer, residuals as
+  addmm), and the logits equal the HF forward's to float rounding (tests/test_generation.py
+  checks both architectures with left padding and rows leaving the batch; on SmolLM2-135M the
+  greedy tokens are identical).
 
 Prefill always goes through the HF forward; only the token-by-token loop is replaced.
 """
@@ -53,22 +54,25 @@ def fast_decode_supported(model) -> bool:
 
 
 class _Layer:
-    """One decoder layer's weights, fused for the fewest kernel calls per step: q, k and v are one
-    matmul, gate and up another."""
+    """One decoder layer's weights, read in place (no copies: the weights change between calls).
+    Fusing q/k/v and gate/up into single matmuls was measured too: no faster per step on the
+    tiny models, and the weight copy per generate call made SmolLM2-135M slower."""
 
     def __init__(self, layer):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
-        self.qkv_b = torch.cat(biases) if all(b is not None for b in biases) else None
+        self.qkv_parts = [(m.weight, m.bias) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        self.gate, self.up = (mlp.gate_proj.weight, mlp.gate_proj.bias), (mlp.up_proj.weight, mlp.up_proj.bias)
         self.o_t, self.o_b = attn.o_proj.weight.t(), attn.o_proj.bias
-        self.gu_w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-        gu_b = [mlp.gate_proj.bias, mlp.up_proj.bias]
-        self.gu_b = torch.cat(gu_b) if all(b is not None for b in gu_b) else None
         self.down_t, self.down_b = mlp.down_proj.weight.t(), mlp.down_proj.bias
         self.act = mlp.act_fn
         self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+
+    def qkv(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.linear(h, w, b) for w, b in self.qkv_parts], dim=-1)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return self.act(F.linear(h, *self.gate)) * F.linear(h, *self.up)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -129,7 +133,7 @@ class FastDecode:
         sin = (emb.sin() * self.rope_scale).to(x.dtype)[:, None, :]
         QK, half = H + KV, D // 2
         for i, w in enumerate(self.layers):
-            qkv = F.linear(_rms_norm(x, w.norm1, w.eps1), w.qkv_w, w.qkv_b).view(B, QK + KV, D)
+            qkv = w.qkv(_rms_norm(x, w.norm1, w.eps1)).view(B, QK + KV, D)
             qk = qkv[:, :QK]  # RoPE on q and k at once: x·cos + rotate_half(x)·sin
             qk = torch.addcmul(qk * cos, torch.cat([-qk[..., half:], qk[..., :half]], dim=-1), sin)
             self.keys[i][:, :, slot] = qk[:, H:]
@@ -138,6 +142,5 @@ class FastDecode:
                                                  self.values[i][:, :, :slot + 1], attn_mask=attend,
                                                  enable_gqa=H != KV)
             x = _project_add(x, out.view(B, H * D), w.o_t, w.o_b)
-            gate, up = F.linear(_rms_norm(x, w.norm2, w.eps2), w.gu_w, w.gu_b).chunk(2, dim=-1)
-            x = _project_add(x, w.act(gate) * up, w.down_t, w.down_b)
+            x = _project_add(x, w.mlp(_rms_norm(x, w.norm2, w.eps2)), w.down_t, w.down_b)
         return self.lm_head(_rms_norm(x, self.final_norm, self.final_eps)).float()
