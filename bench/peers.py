@@ -16,6 +16,7 @@ signal, as in real use. The folders are built once and cached (`--cache-dir`).
     python bench/peers.py                          # micro and small, GRPO and online DPO, CPU fp32
     python bench/peers.py --quick                  # smoke run: micro model, 4 steps
     python bench/peers.py --device cuda --dtype bf16
+    python bench/peers.py --dtype amp-bf16             # fp32 weights, bf16 autocast (mixed precision) on both sides
     python bench/peers.py --check --threshold 0.6  # exit 1 if a bridgerl/TRL step-time ratio > 0.6
 
 On CPU the ratio is taken on process CPU time with one torch thread (`--threads`): on a machine
@@ -90,6 +91,7 @@ class Work:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    mixed: bool = False  # fp32 weights, bf16 autocast (bridgerl train.mixed_precision, TRL bf16=True)
     eval_prompts: int = 128
 
     @property
@@ -114,7 +116,8 @@ def bridgerl_config(w: Work, out_dir: str):
         "optim": {"lr": w.lr, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
                   "grad_clip": w.grad_clip},
         "train": {"steps": w.steps, "seed": w.seed, "out_dir": out_dir, "device": w.device,
-                  "micro_batch": w.completions, "checkpoint_every": 0, "save_final": False},
+                  "micro_batch": w.completions, "checkpoint_every": 0, "save_final": False,
+                  "mixed_precision": "bf16" if w.mixed else "no"},
         "eval": {"at_start": False, "every": 0, "max_new_tokens": w.max_new_tokens, "max_prompts": w.eval_prompts},
         "log": {"tensorboard": False, "wandb": False, "progress": False},
     })
@@ -130,7 +133,7 @@ def trl_args(w: Work, out_dir: str):
         # online DPO then samples without a KV cache); bridgerl does neither, so it is off here.
         gradient_checkpointing=False,
         logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, use_cpu=w.device == "cpu", bf16=w.dtype == "bfloat16",
+        dataloader_num_workers=0, use_cpu=w.device == "cpu", bf16=w.dtype == "bfloat16" or w.mixed,
         remove_unused_columns=False,
     )
     if w.algo == "grpo":
@@ -429,7 +432,8 @@ def work_for(algo: str, model: Path, args: argparse.Namespace) -> Work:
     return Work(algo=algo, model=str(model), steps=args.steps, prompts=args.prompts if grpo else args.dpo_prompts,
                 n=args.n if grpo else 2, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 lr=args.lr, beta=args.grpo_beta if grpo else args.dpo_beta, device=args.device,
-                dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dtype], eval_prompts=args.eval_prompts,
+                dtype={"fp32": "float32", "bf16": "bfloat16", "amp-bf16": "float32"}[args.dtype],
+                mixed=args.dtype == "amp-bf16", eval_prompts=args.eval_prompts,
                 seed=args.seed)
 
 
@@ -440,7 +444,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sizes", default="micro,small", help="tiny-model factory sizes, comma separated")
     p.add_argument("--algos", default="grpo,dpo")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "amp-bf16"],
+                   help="bf16: bf16 weights on both sides; amp-bf16: fp32 weights with bf16 autocast on both sides")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
     p.add_argument("--prompts", type=int, default=4, help="GRPO prompts per step")
     p.add_argument("--n", type=int, default=8, help="GRPO completions per prompt")

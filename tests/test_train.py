@@ -348,3 +348,46 @@ def test_pathway_monitor_on_dense_model_says_so_and_trains_on(tmp_path, tiny_mod
                  "monitor.pathways={every: 1, probe_samples: 4}", "--out", str(out)]) == 0
     assert "monitor.pathways is off" in capsys.readouterr().out
     assert len(step_lines(out)) == 2
+
+
+def changed_fraction(before: list[torch.Tensor], model) -> float:
+    changed = sum(int((a != b).sum()) for a, b in zip(before, model.parameters()))
+    return changed / sum(a.numel() for a in before)
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path, tiny_model_dir):
+    """Training forwards run in bf16, sampling and the reference on bf16 copies, while the policy
+    and its optimizer stay fp32: an update far below bf16's resolution still moves the weights,
+    where pure bf16 training rounds it away."""
+    tiny_lr = ["optim.lr=1e-7", "optim.weight_decay=0", "algo.name=grpo", "algo.beta=0.04",
+               "rewards.tasks.arithmetic.kind=python", f"rewards.tasks.arithmetic.function={tmp_path / 'length.py'}:score",
+               "rollout.temperature=1.5"]
+    (tmp_path / "length.py").write_text("def score(prompts, completions, **_):\n    return [float(len(c)) for c in completions]\n")
+
+    def run_with(extra, name):
+        cfg = load_config(write_config(tmp_path, tiny_model_dir), BASE + tiny_lr + extra + [f"train.out_dir={tmp_path / name}"])
+        return build_run(cfg)
+
+    mixed = run_with(["train.mixed_precision=bf16"], "mixed")
+    assert next(mixed.policy.parameters()).dtype == torch.float32
+    assert next(mixed.generator.model.parameters()).dtype == torch.bfloat16
+    assert next(mixed.reference.parameters()).dtype == torch.bfloat16
+    seen = []
+    lm_head = mixed.policy.get_output_embeddings()
+    hook = lm_head.register_forward_hook(lambda m, i, out: seen.append(out.dtype) if torch.is_grad_enabled() else None)
+    before = [p.detach().clone() for p in mixed.policy.parameters()]
+    m = train_step(mixed)
+    hook.remove()
+    assert m["loss"] == m["loss"] and m.get("update/skipped", 0.0) == 0.0
+    assert seen and set(seen) == {torch.bfloat16}  # the training forward ran under autocast
+    assert changed_fraction(before, mixed.policy) > 0.5
+    mixed_step = train_step(mixed)  # the generator took the fp32 weights (cast) at the sync
+    assert mixed_step["generator/version"] == 1.0
+
+    pure = run_with(["model.dtype=bfloat16"], "pure")
+    before = [p.detach().clone() for p in pure.policy.parameters()]
+    assert train_step(pure).get("update/skipped", 0.0) == 0.0
+    assert changed_fraction(before, pure.policy) < 0.05  # 1e-7 steps vanish in bf16 but next to ~0 weights
+
+    with pytest.raises(Exception, match="needs model.dtype=float32"):
+        load_config(write_config(tmp_path, tiny_model_dir), BASE + ["model.dtype=bfloat16", "train.mixed_precision=bf16"])

@@ -166,6 +166,9 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     save_final: bool = True
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16: fp32 weights and optimizer, training forwards under bf16 autocast, "
+                          "generator and reference held in bf16")
 
 
 class EvalConfig(SamplingConfig):
@@ -214,6 +217,10 @@ class Config(Strict):
                              "use reference.sync=never or a sync_every >= 1")
         if isinstance(self.algo, DPOConfig) and self.algo.exploration is not None and self.algo.group:
             raise ValueError("algo.exploration (OPTune) keeps one pair per prompt; it cannot be combined with algo.group=true")
+        if self.train.mixed_precision != "no" and self.model.dtype != "float32":
+            raise ValueError(f"train.mixed_precision={self.train.mixed_precision} keeps fp32 master weights, so it needs "
+                             f"model.dtype=float32 (got {self.model.dtype}); for pure {self.model.dtype} training "
+                             "drop train.mixed_precision")
         return self
 
 

@@ -56,10 +56,10 @@ def train_step(run: Run) -> dict:
         step_fn = lambda: optimizer_step(run)  # noqa: E731
         if isinstance(cfg.algo, DPOConfig):
             binary = torch.tensor([r["task"] in run.binary_tasks for r in rows])
-            update = dpo_update(run.policy, run.reference, batch, rewards, binary, cfg.algo,
+            update = dpo_update(run.train_policy, run.reference, batch, rewards, binary, cfg.algo,
                                 cfg.train.micro_batch, step_fn, run.pair_rng, pairs, weights, ref_logps)
         else:
-            update = grpo_update(run.policy, run.reference, batch, rewards, cfg.algo, cfg.train.micro_batch,
+            update = grpo_update(run.train_policy, run.reference, batch, rewards, cfg.algo, cfg.train.micro_batch,
                                  run.step, step_fn, ref_logps)
     run.step += 1
     metrics = rollout_metrics(run, rows, batch, rewards, fresh) | shaping_metrics | update | timing(timer)

@@ -119,6 +119,11 @@ class Run:
     prompt_tokens: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)  # method state with state_dict(): OPTune pool, monitors
     eval_generator: HFGenerator | None = None  # samples from the policy's own weights (no copy)
+    train_policy: torch.nn.Module | None = None  # what training forwards call: the policy, or it under autocast
+
+    def __post_init__(self):
+        if self.train_policy is None:
+            self.train_policy = self.policy
 
     @property
     def binary_tasks(self) -> set[str]:
@@ -131,6 +136,25 @@ class Run:
             self.prompt_tokens[row["id"]] = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, return_dict=False)
         return self.prompt_tokens[row["id"]]
+
+
+class Autocast(torch.nn.Module):
+    """Runs a model's forward under torch.autocast; everything else (attributes, parameters) is the
+    model's own. Only the forward is wrapped, so backward runs outside autocast as recommended."""
+
+    def __init__(self, model: torch.nn.Module, device_type: str, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.device_type, self.dtype = model, device_type, dtype
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
 
 
 def needs_reference(cfg: Config) -> bool:
@@ -162,6 +186,14 @@ def build_run(cfg: Config) -> Run:
     policy.train()
     generator = HFGenerator(policy, tokenizer, batch_size=cfg.rollout.batch_size,
                             fast_decode=cfg.rollout.fast_decode)
+    train_policy = policy
+    if cfg.train.mixed_precision == "bf16":
+        # fp32 master weights stay in `policy` (optimizer, checkpoints, saves); sampling and the
+        # reference run on bf16 copies (copy_weights_ casts at each sync); training forwards autocast.
+        generator.model.to(torch.bfloat16)
+        if reference is not None:
+            reference.to(torch.bfloat16)
+        train_policy = Autocast(policy, device.type, torch.bfloat16)
     params = [p for p in policy.parameters() if p.requires_grad]
     o = cfg.optim
     # Fused AdamW: one kernel over all parameters instead of a Python loop of small ops.
@@ -174,7 +206,7 @@ def build_run(cfg: Config) -> Run:
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, device, tokenizer, policy, reference, generator, optimizer, scheduler, stream, train_rows,
-              eval_rows, rewarder, sample_rng, pair_rng, out)
+              eval_rows, rewarder, sample_rng, pair_rng, out, train_policy=train_policy)
     if cfg.data.efficacy is not None:  # scored with the run's own seed policy and rewards
         from ..data.efficacy_config import efficacy_order
         run.stream = PromptStream(train_rows, cfg.data.prompts_per_step, seed=cfg.train.seed, order=efficacy_order(run))
