@@ -158,7 +158,7 @@ def main() -> None:
     rm = reward_model_stage(runner, out, st, 0, tiny) if "reward_model" in args.tasks else None
     rm_reward = {"kind": "model", "path": rm.result["model"]} if rm else {}
     model = Path(seeded.result["model"])
-    report = [f"# OPTune vs online DPO\n",
+    report = ["# OPTune vs online DPO\n",
               f"`python bench/optune.py {' '.join(os.sys.argv[1:])}`; demo models ({st.arch}/{st.size}); "
               f"{st.prompts_per_step} prompts × {st.n} samples per step, lr {st.lr}, β {st.dpo_beta}, "
               f"held-out sampled at T = {args.eval_temperature}, every {args.eval_every} steps.\n"]

@@ -5,7 +5,6 @@ Each prompt is prefilled once and its cache repeated n times; rows that emit EOS
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..models import copy_weights_, frozen_copy
 from .decode import FastDecode, HFDecode, fast_decode_supported

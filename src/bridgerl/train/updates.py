@@ -19,9 +19,8 @@ def _mean_metrics(items: list[dict]) -> dict[str, float]:
 
 def spread_rows(rewards: torch.Tensor) -> torch.Tensor:
     """Rows of the groups whose rewards differ ([G, n] → row indices): the only ones that train."""
-    G, n = rewards.shape
     keep = rewards.max(dim=1).values > rewards.min(dim=1).values
-    return keep.repeat_interleave(n).nonzero().squeeze(1)
+    return keep.repeat_interleave(rewards.shape[1]).nonzero().squeeze(1)
 
 
 def grpo_chunks(rows: torch.Tensor, lengths: torch.Tensor, micro_batch: int, n: int) -> list[torch.Tensor]:
