@@ -20,7 +20,8 @@ mean gain (or --threshold TASK=VALUE). Cost to threshold is counted up to the fi
 or above it: steps, generated tokens and wall seconds of training (evaluation excluded). Speed-up =
 online DPO's cost / the arm's cost, paired by seed; the table shows its median and min–max.
 
-    python bench/optune.py                      # 2 tasks × 5 arms × 3 seeds, ~20 min on 2 cores
+    python bench/optune.py                      # 2 tasks × 5 arms × 3 seeds, ~6 min on 2 idle cores
+    python bench/optune.py --seeds 5            # the docs/optune.md tables (~10 min)
     python bench/optune.py --quick              # smoke run (~2 min)
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -159,7 +161,7 @@ def main() -> None:
     rm_reward = {"kind": "model", "path": rm.result["model"]} if rm else {}
     model = Path(seeded.result["model"])
     report = ["# OPTune vs online DPO\n",
-              f"`python bench/optune.py {' '.join(os.sys.argv[1:])}`; demo models ({st.arch}/{st.size}); "
+              f"`python bench/optune.py {' '.join(sys.argv[1:])}`; demo models ({st.arch}/{st.size}); "
               f"{st.prompts_per_step} prompts × {st.n} samples per step, lr {st.lr}, β {st.dpo_beta}, "
               f"held-out sampled at T = {args.eval_temperature}, every {args.eval_every} steps.\n"]
     everything = {}
