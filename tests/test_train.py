@@ -284,11 +284,24 @@ def test_optune_regenerates_rho_of_known_prompts(tmp_path, tiny_model_dir, rho):
 def test_lora_policy_trains_and_saves_an_adapter(tmp_path, tiny_model_dir):
     pytest.importorskip("peft")
     out = tmp_path / "lora"
-    code = main(["train", str(write_config(tmp_path, tiny_model_dir)), *BASE, "model.lora={r: 4}", "train.steps=2",
-                 "log.tensorboard=true", "--out", str(out)])
+    reward = tmp_path / "length.py"  # graded by length: every step has pairs, so the adapter moves
+    reward.write_text("def score(prompts, completions, **_):\n    return [float(len(c)) for c in completions]\n")
+    code = main(["train", str(write_config(tmp_path, tiny_model_dir)), *BASE, "model.lora={r: 4, save_merged: true}",
+                 "rewards.tasks.arithmetic.kind=python", f"rewards.tasks.arithmetic.function={reward}:score",
+                 "rollout.temperature=1.5", "optim.lr=1e-2", "train.steps=2", "log.tensorboard=true", "--out", str(out)])
     assert code == 0
     assert (out / "final" / "adapter_config.json").exists() and any((out / "tb").iterdir())
     assert len(step_lines(out)) == 2
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "final")
+    merged = AutoModelForCausalLM.from_pretrained(out / "final" / "merged")  # plain transformers, no peft
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        a, m, b = (model(input_ids=ids).logits for model in (adapted, merged, base))
+    assert torch.allclose(a, m, atol=1e-4) and not torch.allclose(m, b, atol=1e-4)
 
 
 def test_efficacy_scores_select_and_order_the_prompt_stream(tmp_path, tiny_model_dir):

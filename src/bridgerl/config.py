@@ -19,6 +19,8 @@ class LoraConfig(Strict):
     alpha: int = 16
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Union[str, list[str]] = "all-linear"
+    save_merged: bool = Field(False, description="also save final/merged: the base model with the adapter "
+                                                 "merged in, loadable without peft")
 
 
 class ModelConfig(Strict):

@@ -1,6 +1,7 @@
 """The training loop: one step, read top to bottom, is the whole program (design.md)."""
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import contextmanager
 
@@ -245,5 +246,9 @@ def train(cfg: Config, resume: bool = False, run: Run | None = None) -> Run:
         final = run.out_dir / "final"
         run.policy.save_pretrained(final)
         run.tokenizer.save_pretrained(final)
+        if cfg.model.lora and cfg.model.lora.save_merged:
+            merged = copy.deepcopy(run.policy).merge_and_unload()  # the run's policy keeps its adapter
+            merged.save_pretrained(final / "merged")
+            run.tokenizer.save_pretrained(final / "merged")
     logger.close()
     return run
