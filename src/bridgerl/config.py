@@ -319,10 +319,9 @@ class SFTDataConfig(Strict):
     efficacy: EfficacyConfig | None = None
 
 
-class SFTConfig(Strict):
-    """Supervised fine-tuning: loss on the completion tokens only."""
+class _SupervisedConfig(Strict):
+    """What the two supervised trainers (SFT, reward model) share; each sets its own defaults."""
     model: ModelConfig
-    data: SFTDataConfig = SFTDataConfig()
     optim: OptimConfig = OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=10)
     steps: int = Field(300, gt=0)
     batch_size: int = Field(32, gt=0)
@@ -330,22 +329,22 @@ class SFTConfig(Strict):
     seed: int = 0
     out_dir: str = "runs/sft"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class SFTConfig(_SupervisedConfig):
+    """Supervised fine-tuning: loss on the completion tokens only."""
+    data: SFTDataConfig = SFTDataConfig()
     log_every: int = Field(10, gt=0)
     monitor: MonitorConfig = MonitorConfig()
 
 
-class RMConfig(Strict):
+class RMConfig(_SupervisedConfig):
     """Bradley–Terry reward model on (prompt, chosen, rejected) rows."""
-    model: ModelConfig
     data: str = Field("builtin:preference", description="jsonl with prompt/chosen/rejected, or builtin:preference")
     num_train: int = Field(1000, gt=0)
-    optim: OptimConfig = OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=10)
     steps: int = Field(200, gt=0)
-    batch_size: int = Field(32, gt=0)
     max_length: int = Field(128, gt=0)
-    seed: int = 0
     out_dir: str = "runs/rm"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 def load_typed(cls: type[BaseModel], path: str | Path | None, overrides: list[str] | None = None):

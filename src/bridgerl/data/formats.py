@@ -172,15 +172,21 @@ def _renamed(record: dict, src: str, dst: str) -> None:
         record[dst] = record.pop(src)
 
 
+def _objects(records: Iterable[tuple[str, Any]], source: str):
+    """(location, "file, row" label, record) for each record, refusing anything but a JSON object."""
+    for location, record in records:
+        where = _where(source, location)
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield location, where, record
+
+
 def normalize_rows(records: Iterable[tuple[str, Any]], source: str, prompt_field: str = "prompt",
                    answer_field: str = "answer", task_field: str = "task",
                    default_task: str = "default") -> list[dict]:
     """Validate and normalise prompt rows (see module docstring)."""
     rows = []
-    for location, record in records:
-        where = _where(source, location)
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for location, where, record in _objects(records, source):
         row = dict(record)
         row["prompt"] = _prompt_of(record, prompt_field, where)
         if prompt_field != "prompt":
@@ -217,10 +223,7 @@ def load_sft_rows(source: str | Path, split: str | None = None, prompt_field: st
     `completion_fields` as the target text.
     """
     rows = []
-    for location, record in read_records(source, split):
-        where = _where(str(source), location)
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for location, where, record in _objects(read_records(source, split), str(source)):
         row = dict(record)
         if record.get(prompt_field) is None and record.get("messages") is not None:
             messages = _check_messages(record["messages"], f"{where}, field 'messages'")
@@ -265,10 +268,7 @@ def load_preference_rows(source: str | Path, split: str | None = None, prompt_fi
     accepted; without a prompt column the prompt is chosen's conversation before that turn.
     """
     rows = []
-    for location, record in read_records(source, split):
-        where = _where(str(source), location)
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for location, where, record in _objects(read_records(source, split), str(source)):
         row = dict(record)
         for field in (chosen_field, rejected_field):
             if record.get(field) is None:
