@@ -69,6 +69,13 @@ class HFGenerator:
         copy_weights_(self.model, policy)
         self.version = version
 
+    @torch.no_grad()
+    def score_tokens(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        return sequence_token_logprobs(self.model, sequences, self.pad_id)
+
+    def close(self) -> None:
+        pass
+
     def state_dict(self) -> dict:
         return {"version": self.version, "weights": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
 
@@ -142,6 +149,18 @@ class HFGenerator:
             completions=texts,
             n=n,
         )
+
+
+@torch.no_grad()
+def sequence_token_logprobs(model: torch.nn.Module, sequences: list[list[int]], pad_id: int) -> list[torch.Tensor]:
+    """log π(token_t | tokens_<t) for t ≥ 1 of each sequence, as float32 CPU tensors [len - 1]."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(sequences, pad_id, device)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits.float()
+    logps = logits[:, :-1].log_softmax(dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)
+    width = ids.shape[1]
+    return [logps[i, width - len(s):].cpu() for i, s in enumerate(sequences)]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

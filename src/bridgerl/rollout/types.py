@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -85,14 +85,35 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
     )
 
 
+@runtime_checkable
 class Generator(Protocol):
-    """A sampler holding its own copy of the weights."""
+    """What every sampling engine implements (HF in-process, vLLM, vLLM server, a Ray worker pool)
+    and what every caller uses. The engine holds its own copy of the weights; `version` is the
+    policy step those weights come from, and every rollout it returns is tagged with it."""
 
     version: int
 
-    def load_weights(self, policy: torch.nn.Module, version: int) -> None: ...
+    def generate(self, prompts: list[list[int]], n: int, sampling, rng: torch.Generator | None = None) -> Rollouts:
+        """n samples per prompt (token ids in), grouped contiguously, with the engine's per-token log-probs
+        at temperature 1. `sampling` has temperature, top_p, top_k, max_new_tokens."""
+        ...
 
-    def generate(self, prompts: list[list[int]], n: int, sampling, seed_generator: torch.Generator) -> Rollouts: ...
+    def load_weights(self, policy: torch.nn.Module, version: int) -> None:
+        """Take the policy's current weights; afterwards `version == version`."""
+        ...
+
+    def score_tokens(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Log-prob of each token of each sequence given its prefix ([len - 1] per sequence), under the
+        engine's current weights: the probe that checks a weight push landed (rollout/sync.py)."""
+        ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def close(self) -> None:
+        """Release processes, servers or devices the engine holds (a no-op in-process)."""
+        ...
 
 
 def rollouts_from_tokens(prompts: list[list[int]], completions: list[list[int]], versions: list[int],
