@@ -43,6 +43,14 @@ class SamplingConfig(Strict):
     max_new_tokens: int = Field(64, gt=0)
 
 
+class DynamicSamplingConfig(Strict):
+    """Groups whose rewards have no spread carry no GRPO gradient; sample more prompts instead."""
+    max_rounds: int = Field(0, ge=0, description="extra sampling rounds per step to fill prompts_per_step "
+                                                 "informative groups; 0 = off")
+    tol: float = Field(0.0, ge=0, description="a group is informative when max − min reward exceeds this "
+                                              "(0 for 0/1 rewards; a small value for continuous ones)")
+
+
 class RolloutConfig(SamplingConfig):
     sync_every: int = Field(1, ge=0, description="1 online, k semi-online, 0 never (offline)")
     n: int = Field(8, ge=2, description="samples per prompt")
@@ -50,6 +58,10 @@ class RolloutConfig(SamplingConfig):
     batch_size: int = Field(256, gt=0, description="sequences per generation call")
     fast_decode: bool = Field(True, description="Llama/Qwen2: decode with plain torch ops (rollout/decode.py); "
                                                 "false: always the model's own forward")
+    dynamic_sampling: DynamicSamplingConfig = Field(
+        DynamicSamplingConfig(), description="DAPO's dynamic sampling: refill the batch with informative groups")
+    max_staleness: int | None = Field(None, ge=0, description="drop samples more than k weight versions older than "
+                                                              "the policy (counted); null = unbounded")
 
 
 class OPTuneConfig(Strict):
@@ -86,6 +98,39 @@ class GRPOConfig(Strict):
     truncate_max: float = Field(2.0, gt=1)
     reward_shaping: Literal["none", "variance_increase"] = "none"
     shaping_probs: Literal["reference", "uniform"] = "reference"
+    loss: Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo"] = Field(
+        "grpo", description="policy loss variant (algos/policy_loss.py); grpo honours importance and aggregation, "
+                            "the others fix their own")
+    clip_eps_high: float | None = Field(None, gt=0, description="upper clip ε (clip-higher); null = clip_eps, "
+                                                                "except loss=dapo: 0.28 (the DAPO paper)")
+    gspo_clip_eps: float = Field(3e-4, gt=0, description="GSPO's lower clip on the sequence ratio (paper: 3e-4)")
+    gspo_clip_eps_high: float = Field(4e-4, gt=0, description="GSPO's upper clip (paper: 4e-4)")
+    rollout_correction: Literal["none", "token_tis", "seq_mask"] = Field(
+        "none", description="train/infer mismatch: token_tis weights tokens by min(π_train/π_gen, C); seq_mask "
+                            "drops sequences whose geometric-mean ratio leaves [1/C, C] (algos/correction.py)")
+    correction_threshold: float = Field(2.0, gt=1, description="C of rollout_correction")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dapo_clip_higher(cls, data):
+        # DAPO without clip-higher is not DAPO; the paper's ε_high fills in when none is given.
+        if isinstance(data, dict) and data.get("loss") == "dapo" and data.get("clip_eps_high") is None:
+            data = {**data, "clip_eps_high": 0.28}
+        return data
+
+    @model_validator(mode="after")
+    def _variant_knobs(self):
+        if self.loss != "grpo" and self.importance != "clip":
+            raise ValueError(f"algo.importance={self.importance} applies to algo.loss=grpo only; loss={self.loss} fixes "
+                             "its own ratio treatment (cispo is the truncated one, capped at truncate_max)")
+        if self.loss != "grpo" and self.aggregation != "sum":
+            raise ValueError(f"algo.aggregation={self.aggregation} applies to algo.loss=grpo only; loss={self.loss} "
+                             "fixes its own (dapo/cispo: token mean, dr_grpo: max_new_tokens × sequences, gspo: "
+                             "sequence mean); drop algo.aggregation")
+        if self.loss in ("gspo", "cispo") and self.clip_eps_high is not None:
+            raise ValueError(f"algo.clip_eps_high is not read by loss={self.loss}: gspo clips with gspo_clip_eps and "
+                             "gspo_clip_eps_high, cispo caps its weight at truncate_max")
+        return self
 
 
 AlgoConfig = Annotated[Union[DPOConfig, GRPOConfig], Field(discriminator="name")]
@@ -219,6 +264,15 @@ class Config(Strict):
                              "use reference.sync=never or a sync_every >= 1")
         if isinstance(self.algo, DPOConfig) and self.algo.exploration is not None and self.algo.group:
             raise ValueError("algo.exploration (OPTune) keeps one pair per prompt; it cannot be combined with algo.group=true")
+        k = self.rollout.max_staleness
+        if k is not None and self.rollout.sync_every == 0:
+            raise ValueError(f"rollout.max_staleness={k} with rollout.sync_every=0 (offline): every sample comes "
+                             f"from the seed weights, so all would be dropped after step {k}; use sync_every >= 1 "
+                             "or max_staleness=null")
+        if k is not None and self.rollout.sync_every > k + 1:
+            raise ValueError(f"rollout.max_staleness={k} with rollout.sync_every={self.rollout.sync_every}: the last "
+                             f"{self.rollout.sync_every - 1 - k} steps of every sync window would train on nothing; "
+                             f"use sync_every <= {k + 1} or a larger max_staleness")
         if self.train.mixed_precision != "no" and self.model.dtype != "float32":
             raise ValueError(f"train.mixed_precision={self.train.mixed_precision} keeps fp32 master weights, so it needs "
                              f"model.dtype=float32 (got {self.model.dtype}); for pure {self.model.dtype} training "

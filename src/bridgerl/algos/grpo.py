@@ -28,10 +28,12 @@ def grpo_loss(
     beta: float = 0.0,
     importance: str = "clip",
     clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
     truncate_max: float = 2.0,
     aggregation: str = "sum",
     n: int = 1,
     normalizer: float | None = None,
+    token_weights: torch.Tensor | None = None,  # [S, T] detached per-token weights (rollout correction)
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO surrogate over S sequences, to be minimised.
 
@@ -40,17 +42,24 @@ def grpo_loss(
     the paper's A·∇log π. Aggregation "sum": tokens summed, mean over a group's n rollouts, summed
     over prompts (§1.4: divide by n); "token_mean": over all tokens; "seq_mean": token-mean per sequence, then
     mean. `normalizer` overrides the denominator so micro-batches add up to the full batch's loss.
+    `clip_eps_high` (DAPO's clip-higher) widens the upper side of the clip range; None keeps it
+    symmetric. `token_weights` multiply the policy term per token (train/infer mismatch correction,
+    algos/correction.py); the KL term is not reweighted, as TRL does.
     """
     mask = mask.to(logps.dtype)
     log_ratio = logps - old_logps
     ratio = torch.exp(log_ratio)
     adv = advantages[:, None].to(logps.dtype)
     if importance == "clip":
-        per_token = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-        clipped = ((ratio - 1).abs() > clip_eps) & (mask > 0)
+        high = clip_eps if clip_eps_high is None else clip_eps_high
+        per_token = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + high) * adv)
+        outside = (ratio - 1).abs() > clip_eps if clip_eps_high is None else (ratio < 1 - clip_eps) | (ratio > 1 + high)
+        clipped = outside & (mask > 0)
     else:
         per_token = ratio.detach().clamp(max=truncate_max) * adv * logps
         clipped = (ratio > truncate_max) & (mask > 0)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
     kl = k3_kl(logps, ref_logps) if ref_logps is not None else None
     if kl is not None and beta:
         per_token = per_token - beta * kl
