@@ -1,8 +1,14 @@
-"""GRPO: group-normalised advantages and the clipped / truncated policy-gradient loss with k3 KL
-(algorithms.md §1.4). Pure functions of tensors."""
+"""GRPO (algorithms.md §1.4): group-normalised advantages and the clipped / truncated policy-gradient
+loss with k3 KL as pure functions of tensors, and the objective that feeds them micro-batches."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from ..rollout.logprobs import group_chunks, token_logprobs
+from ..rollout.types import Rollouts
+from .objective import BatchContext, TrainBatch, spread_groups, spread_rows
 
 
 def group_advantages(rewards: torch.Tensor, normalize_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -76,3 +82,59 @@ def grpo_loss(
         if kl is not None:
             metrics["kl"] = ((kl * mask).sum() / tokens).item()
     return loss, metrics
+
+
+@dataclass
+class GRPOMicro:
+    rollouts: Rollouts  # [k] rows of whole groups
+    advantages: torch.Tensor  # [k]
+    ref_logps: torch.Tensor | None  # [k, T]; None without a KL term
+    old_logps: torch.Tensor | None  # [k, T] sampler log-probs; None on-policy (set by the first pass)
+    normalizer: float  # the whole batch's denominator, so micro-batch losses add up to the batch loss
+
+
+class GRPOObjective:
+    """Groups with a reward spread train; the others carry no gradient and are counted as skipped."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.passes = cfg.updates_per_batch
+        self.needs_reference = cfg.beta > 0
+
+    def make_batch(self, rollouts: Rollouts, rewards: torch.Tensor, ctx: BatchContext) -> TrainBatch:
+        cfg = self.cfg
+        G, n = rewards.shape
+        keep = spread_groups(rewards)
+        batch = TrainBatch(metrics={
+            "groups/skipped": float(G - keep.sum().item()),
+            "tokens/skipped": float(rollouts.completion_mask.view(G, n, -1)[~keep.to(rollouts.completion_mask.device)].sum().item())})
+        rows = spread_rows(rewards)
+        if rows.numel() == 0:
+            return batch
+        kept = rollouts.select(rows)
+        adv = group_advantages(rewards, cfg.normalize_std).reshape(-1)[rows.to(rewards.device)]
+        ref = ctx.reference(rows) if cfg.beta > 0 else None
+        normalizer = {"sum": float(n), "token_mean": float(kept.completion_mask.sum().item()),
+                      "seq_mean": float(len(rows))}[cfg.aggregation]
+        # On-policy (the generator holds this very policy) the ratio is exactly 1: old = current,
+        # detached, with no extra forward. Stale samples are corrected against the sampler's log-probs.
+        on_policy = bool((kept.versions == ctx.policy_version).all())
+        for chunk in group_chunks(rows, kept.lengths, ctx.micro_batch, n):
+            mb = kept.select(chunk)
+            width = mb.completion_ids.shape[1]
+            batch.micro.append(GRPOMicro(
+                mb, adv[chunk.to(adv.device)],
+                None if ref is None else ref[chunk.to(ref.device), :width],
+                None if on_policy else mb.gen_logprobs, normalizer))
+        batch.metrics["tokens/trained"] = float(kept.completion_mask.sum().item())
+        return batch
+
+    def loss(self, policy: torch.nn.Module, m: GRPOMicro) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        logps, _ = token_logprobs(policy, m.rollouts)
+        if m.old_logps is None:
+            m.old_logps = logps.detach()
+        return grpo_loss(logps, m.old_logps, m.advantages, m.rollouts.completion_mask, m.ref_logps,
+                         beta=cfg.beta, importance=cfg.importance, clip_eps=cfg.clip_eps,
+                         truncate_max=cfg.truncate_max, aggregation=cfg.aggregation, n=m.rollouts.n,
+                         normalizer=m.normalizer)
