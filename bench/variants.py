@@ -41,23 +41,6 @@ def seed_model(out: Path) -> Path:
     return Path(result["model"])
 
 
-def use_variant(cfg) -> None:
-    """Route the loop's GRPO update through algos/policy_loss for `cfg.algo.loss`.
-
-    Until the GRPO objective reads `algo.loss` itself (the lead's Objective restructure), the bench
-    swaps the two pure functions train/updates.grpo_update calls — the advantages and the loss —
-    for the variant's; nothing else in the loop changes. The variant's own denominator needs the
-    whole step in one micro-batch, so the run's micro_batch must hold every sequence of a step."""
-    from bridgerl.algos import policy_loss as pl
-    from bridgerl.train import updates
-
-    s = pl.LossSettings.from_config(cfg.algo, n=cfg.rollout.n, max_new_tokens=cfg.rollout.max_new_tokens)
-    if cfg.train.micro_batch < cfg.data.prompts_per_step * cfg.rollout.n:
-        raise SystemExit("bench/variants.py needs train.micro_batch >= prompts_per_step × n (one micro-batch per step)")
-    updates.group_advantages = lambda rewards, normalize_std: pl.advantages(rewards, s)
-    updates.grpo_loss = lambda logps, old, adv, mask, ref, **_: pl.policy_loss(logps, old, adv, mask, s, ref_logps=ref)
-
-
 def run_variant(model: Path, out: Path, loss: str, seed: int, args) -> dict:
     from bridgerl.demo.pipeline import base_config, config_from, merge_dicts
     from bridgerl.demo.settings import FULL
@@ -68,12 +51,11 @@ def run_variant(model: Path, out: Path, loss: str, seed: int, args) -> dict:
         "algo": {"name": "grpo", "beta": FULL.grpo_beta, "loss": loss, "updates_per_batch": args.updates},
         "data": {"prompts_per_step": args.prompts, "num_eval": args.num_eval},
         "optim": {"lr": args.lr, "adam_eps": 1e-8, "grad_clip": 1.0},
-        "train": {"steps": args.steps, "save_final": False, "micro_batch": args.prompts * FULL.n},
+        "train": {"steps": args.steps, "save_final": False},
         "eval": {"every": args.eval_every, "max_prompts": args.num_eval, "temperature": 1.0},
         "log": {"progress": False},
     })
     cfg = config_from(raw, run_dir / "variant_config.yaml")
-    use_variant(cfg)
     start = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - start

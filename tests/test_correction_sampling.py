@@ -123,3 +123,19 @@ def test_staleness_config_refuses_what_would_train_on_nothing():
         load_config(None, base + ["rollout.max_staleness=1", "rollout.sync_every=5"])
     with pytest.raises(ConfigError, match="max_rounds"):
         load_config(None, base + ["rollout.dynamic_sampling.max_rounds=-1"])
+
+
+def test_fresh_batches_use_trainer_logps_as_old_and_log_the_gap_stale_ones_use_the_generators():
+    from bridgerl.algos.correction import old_logps_and_weights
+
+    train = torch.randn(2, 3, requires_grad=True)
+    gen = train.detach() - 0.5  # the generator gives every token a lower log-prob: r = e^0.5 ≈ 1.65
+    mask = torch.ones(2, 3)
+    old, w, m = old_logps_and_weights(train, gen, mask, fresh=True, mode="token_tis", threshold=1.5)
+    assert torch.equal(old, train.detach()) and not old.requires_grad
+    assert torch.allclose(w, torch.full((2, 3), 1.5)) and m["correction/truncated_frac"] == 1.0
+    assert math.isclose(m["mismatch/max"], 0.5, rel_tol=1e-5)
+    old, w, m = old_logps_and_weights(train, gen, mask, fresh=True, mode="none", threshold=1.5)
+    assert w is None and "mismatch/kl" in m
+    old, w, m = old_logps_and_weights(train, gen, mask, fresh=False, mode="token_tis", threshold=1.5)
+    assert old is gen and w is None and m == {}

@@ -51,7 +51,13 @@ def cmd_train(args) -> int:
     if args.out:
         cfg.train.out_dir = args.out
     _quiet_transformers()
-    run = train(cfg, resume=args.resume)
+    from .train.checkpoint import ResumeConfigError
+
+    try:
+        run = train(cfg, resume=args.resume, force=args.force)
+    except ResumeConfigError as err:
+        print(f"bridgerl train: {err}", file=sys.stderr)
+        return 2
     print(f"[bridgerl] done: {run.step} steps; metrics in {run.out_dir / 'metrics.jsonl'}")
     return 0
 
@@ -59,7 +65,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .config import load_config
     from .train.evaluate import evaluate
-    from .train.setup import build_run
+    from .train.run import build_run
 
     _quiet_transformers()
     overrides = [f"model.path={args.model}", f"data.train={args.task}", f"data.num_eval={args.num}",
@@ -74,7 +80,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    from .train.sft import sft
+    from .supervised.sft import sft
 
     cfg = _load("sft", "SFTConfig", args)
     if cfg is None:
@@ -85,7 +91,7 @@ def cmd_sft(args) -> int:
 
 
 def cmd_rm(args) -> int:
-    from .train.sft import train_reward_model
+    from .supervised.rm import train_reward_model
 
     cfg = _load("rm", "RMConfig", args)
     if cfg is None:
@@ -98,7 +104,7 @@ def cmd_rm(args) -> int:
 
 def cmd_score(args) -> int:
     """Score training rows (RL prompts, or SFT samples with --sft) and write a scores file."""
-    from .data import efficacy_config as eff
+    from .data import delt as eff
 
     cfg = _load("score", "SFTConfig" if args.sft else "Config", args)
     if cfg is None:
@@ -106,12 +112,12 @@ def cmd_score(args) -> int:
     _quiet_transformers()
     if args.sft:
         from .models import load_causal_lm, load_tokenizer
-        from .train.sft import sft_rows
+        from .supervised.sft import sft_rows
 
         model, tokenizer = load_causal_lm(cfg.model.path), load_tokenizer(cfg.model.path)
         rows, source, seed = sft_rows(cfg), cfg.data.train, cfg.seed
     else:
-        from .train.setup import build_run
+        from .train.run import build_run
 
         run = build_run(cfg)
         model, tokenizer, rows, source, seed = run.policy, run.tokenizer, run.train_rows, cfg.data.train, cfg.train.seed
@@ -131,7 +137,7 @@ def cmd_score(args) -> int:
         if args.sft:
             print("bridgerl score: pass_rate scores RL prompts; use --scorer loss or lqs with --sft", file=sys.stderr)
             return 2
-        scores = eff.pass_rate(run, rows)
+        scores = eff.pass_rate(run.generator, run.rewarder, tokenizer, rows, cfg.rollout, seed, run.device)
     path = eff.write_scores(args.out, scores, rows)
     print(f"[bridgerl] {len(scores)} {args.scorer} scores written to {path} (histogram: {path.with_suffix('.png')}); "
           f"use them with data.efficacy.scores_file={path}")
@@ -139,7 +145,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_monitor(args) -> int:
-    from .train.monitoring import monitor_run
+    from .report.pathways import monitor_run
 
     _quiet_transformers()
     try:
@@ -196,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file (see examples/)")
     p.add_argument("overrides", nargs="*", help="a.b.c=value overrides")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--force", action="store_true", help="with --resume: accept a config that changes the run")
     p.add_argument("--out", help="run folder (overrides train.out_dir)")
     p.set_defaults(func=cmd_train)
 

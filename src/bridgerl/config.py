@@ -65,7 +65,7 @@ class RolloutConfig(SamplingConfig):
 
 
 class OPTuneConfig(Strict):
-    kind: Literal["optune"] = "optune"
+    """OPTune (algorithms.md §2): regenerate the lowest-key prompts, train wDPO on the pool's pairs."""
     rho: float = Field(0.5, ge=0, le=1, description="fraction of prompts regenerated per round")
     key: Literal["chosen_reward", "reward_gap", "random"] = Field(
         "chosen_reward", description="regenerate the lowest-key prompts; random is the same-count baseline")
@@ -79,12 +79,24 @@ class DPOConfig(Strict):
     beta: float = Field(0.1, gt=0)
     pairs: Literal["auto", "random", "best_worst"] = Field(
         "auto", description="auto: random correct-vs-incorrect for binary tasks, best-vs-worst otherwise")
-    group: bool = Field(False, description="GroupDPO: average over all better-vs-worse pairs")
     nll_coef: float = Field(0.0, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
     length_normalize: bool = False
     reduction: Literal["mean", "sum"] = "mean"
-    exploration: OPTuneConfig | None = None
+    optune: OPTuneConfig | None = Field(None, description="OPTune: selective regeneration + wDPO")
+
+
+class GroupDPOConfig(Strict):
+    """GroupDPO: the DPO loss averaged over every better-vs-worse pair of a group."""
+    name: Literal["group_dpo"] = "group_dpo"
+    beta: float = Field(0.1, gt=0)
+    length_normalize: bool = False
+
+
+class GRPOVIConfig(Strict):
+    """GRPOVI (algorithms.md §3): raise each group's reward variance before the advantages."""
+    probs: Literal["reference", "uniform"] = Field("reference", description="p: softmax of the reference's "
+                                                   "sequence log-probs, or uniform")
 
 
 class GRPOConfig(Strict):
@@ -96,8 +108,7 @@ class GRPOConfig(Strict):
     importance: Literal["clip", "truncate"] = "clip"
     clip_eps: float = Field(0.2, gt=0)
     truncate_max: float = Field(2.0, gt=1)
-    reward_shaping: Literal["none", "variance_increase"] = "none"
-    shaping_probs: Literal["reference", "uniform"] = "reference"
+    grpovi: GRPOVIConfig | None = None
     loss: Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo"] = Field(
         "grpo", description="policy loss variant (algos/policy_loss.py); grpo honours importance and aggregation, "
                             "the others fix their own")
@@ -133,7 +144,7 @@ class GRPOConfig(Strict):
         return self
 
 
-AlgoConfig = Annotated[Union[DPOConfig, GRPOConfig], Field(discriminator="name")]
+AlgoConfig = Annotated[Union[DPOConfig, GroupDPOConfig, GRPOConfig], Field(discriminator="name")]
 
 
 class TaskRewardConfig(Strict):
@@ -262,8 +273,6 @@ class Config(Strict):
         if self.reference.sync == "with_generator" and self.rollout.sync_every == 0:
             raise ValueError("reference.sync=with_generator never fires when rollout.sync_every=0 (offline); "
                              "use reference.sync=never or a sync_every >= 1")
-        if isinstance(self.algo, DPOConfig) and self.algo.exploration is not None and self.algo.group:
-            raise ValueError("algo.exploration (OPTune) keeps one pair per prompt; it cannot be combined with algo.group=true")
         k = self.rollout.max_staleness
         if k is not None and self.rollout.sync_every == 0:
             raise ValueError(f"rollout.max_staleness={k} with rollout.sync_every=0 (offline): every sample comes "
@@ -309,13 +318,13 @@ def _explain(err: ValidationError, raw: dict, root: type[BaseModel] | None = Non
     root = root or Config
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("dpo", "grpo") and e["loc"][0] == "algo"))
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("dpo", "group_dpo", "grpo") and e["loc"][0] == "algo"))
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             parent = loc[:-1]
             if parent and parent[0] == "algo":
                 name = (raw.get("algo") or {}).get("name", "dpo")
-                cls_algo = GRPOConfig if name == "grpo" else DPOConfig
+                cls_algo = {"grpo": GRPOConfig, "group_dpo": GroupDPOConfig}.get(name, DPOConfig)
                 cls, allowed = _fields_at(cls_algo, parent[1:])
             else:
                 cls, allowed = _fields_at(root, parent)

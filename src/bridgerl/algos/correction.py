@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .grpo import k3_kl
+from . import grpo  # module import: grpo.py's objective imports this module
 
 MODES = ("none", "token_tis", "seq_mask")
 
@@ -42,7 +42,7 @@ def mismatch_metrics(train_logps: torch.Tensor,  # [S, T] trainer log-probs of t
     delta = _masked(gen - train, mask)
     if delta.numel() == 0:
         return {"mismatch/kl": 0.0, "mismatch/k1": 0.0, "mismatch/max": 0.0}
-    k3 = _masked(k3_kl(gen, train), mask)  # k3_kl(logps=gen, ref=train) = e^{train−gen} − (train−gen) − 1
+    k3 = _masked(grpo.k3_kl(gen, train), mask)  # k3_kl(logps=gen, ref=train) = e^{train−gen} − (train−gen) − 1
     return {"mismatch/kl": k3.mean().item(), "mismatch/k1": delta.mean().item(),
             "mismatch/max": delta.abs().max().item()}
 
@@ -91,3 +91,26 @@ def rollout_correction(mode: str,
     return weights, _distribution("correction/seq_ratio", seqs) | {
         "correction/masked_frac": masked,
         "correction/masked_token_frac": 1.0 - kept_tokens / total_tokens if total_tokens else 0.0}
+
+
+def old_logps_and_weights(train_logps: torch.Tensor,  # [S, T] the trainer's log-probs, first pass of the batch
+                          gen_logps: torch.Tensor,  # [S, T] the generator's recorded log-probs
+                          mask: torch.Tensor,  # [S, T]
+                          fresh: bool,  # the generator held the policy's current weights
+                          mode: str, threshold: float,
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """What a GRPO micro-batch uses as π_old, its correction weights, and the mismatch metrics.
+
+    Fresh samples: π_old is the trainer's own (detached) log-probs, so the PPO ratio is exactly 1
+    on the first update, and the generator's numbers enter only through the correction weights;
+    the gap between the two is pure train/infer mismatch and is logged. Stale samples: π_old is
+    the generator's log-probs, whose ratio already corrects staleness and mismatch together (the
+    trainer no longer holds the generating weights, so the two cannot be told apart); no weights."""
+    if not fresh:
+        return gen_logps, None, {}
+    old = train_logps.detach()
+    metrics = mismatch_metrics(old, gen_logps, mask)
+    if mode == "none":
+        return old, None, metrics
+    weights, cm = rollout_correction(mode, old, gen_logps, mask, threshold)
+    return old, weights, metrics | cm

@@ -28,7 +28,9 @@ from typing import Callable
 
 import torch
 
-from .grpo import group_advantages, grpo_loss, k3_kl
+# A module import, not `from .grpo import ...`: grpo.py's objective imports this module, so the names
+# are looked up at call time and either module may be imported first.
+from . import grpo
 
 LOSSES = ("grpo", "dr_grpo", "dapo", "gspo", "cispo")
 
@@ -67,7 +69,7 @@ def advantages(rewards: torch.Tensor, s: LossSettings) -> torch.Tensor:
     """rewards [G, n] → advantages [G, n]. Dr.GRPO drops the std division (its question-level
     difficulty bias); every other variant follows `normalize_std`."""
     _check(s.loss)
-    return group_advantages(rewards, normalize_std=s.normalize_std and s.loss != "dr_grpo")
+    return grpo.group_advantages(rewards, normalize_std=s.normalize_std and s.loss != "dr_grpo")
 
 
 def denominator(mask: torch.Tensor, s: LossSettings, sequences: int | None = None) -> float:
@@ -89,14 +91,14 @@ def denominator(mask: torch.Tensor, s: LossSettings, sequences: int | None = Non
 
 def grpo_variant(logps, old_logps, adv, mask, s: LossSettings, ref_logps=None, normalizer=None, token_weights=None):
     """Today's GRPO: the configured importance and aggregation, unchanged."""
-    return grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance=s.importance,
+    return grpo.grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance=s.importance,
                      clip_eps=s.clip_eps, clip_eps_high=s.clip_eps_high, truncate_max=s.truncate_max,
                      aggregation=s.aggregation, n=s.n, normalizer=normalizer, token_weights=token_weights)
 
 
 def dapo_loss(logps, old_logps, adv, mask, s: LossSettings, ref_logps=None, normalizer=None, token_weights=None):
     """DAPO: clip-higher PPO objective, token-level mean over the batch."""
-    return grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance="clip", clip_eps=s.clip_eps,
+    return grpo.grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance="clip", clip_eps=s.clip_eps,
                      clip_eps_high=s.clip_eps_high, aggregation="token_mean",
                      normalizer=normalizer if normalizer is not None else denominator(mask, s),
                      token_weights=token_weights)
@@ -105,7 +107,7 @@ def dapo_loss(logps, old_logps, adv, mask, s: LossSettings, ref_logps=None, norm
 def dr_grpo_loss(logps, old_logps, adv, mask, s: LossSettings, ref_logps=None, normalizer=None, token_weights=None):
     """Dr.GRPO: PPO clip, tokens summed and divided by the constant max_new_tokens × sequences
     (advantages without std come from `advantages`)."""
-    return grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance="clip", clip_eps=s.clip_eps,
+    return grpo.grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance="clip", clip_eps=s.clip_eps,
                      clip_eps_high=s.clip_eps_high, aggregation="sum",
                      normalizer=normalizer if normalizer is not None else denominator(mask, s),
                      token_weights=token_weights)
@@ -113,7 +115,7 @@ def dr_grpo_loss(logps, old_logps, adv, mask, s: LossSettings, ref_logps=None, n
 
 def cispo_loss(logps, old_logps, adv, mask, s: LossSettings, ref_logps=None, normalizer=None, token_weights=None):
     """CISPO: sg(min(r, C))·A·log π on every token (grpo_loss's "truncate" objective), token mean."""
-    return grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance="truncate",
+    return grpo.grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance="truncate",
                      truncate_max=s.truncate_max, aggregation="token_mean",
                      normalizer=normalizer if normalizer is not None else denominator(mask, s),
                      token_weights=token_weights)
@@ -137,7 +139,7 @@ def gspo_loss(logps, old_logps, adv, mask, s: LossSettings, ref_logps=None, norm
     per_seq = torch.minimum(ratio * a, ratio.clamp(1 - lo, 1 + hi) * a)
     if token_weights is not None:
         per_seq = per_seq * ((token_weights.detach().to(logps.dtype) * maskf).sum(dim=1) / lengths)
-    kl = k3_kl(logps, ref_logps) if ref_logps is not None else None
+    kl = grpo.k3_kl(logps, ref_logps) if ref_logps is not None else None
     if kl is not None and s.beta:
         per_seq = per_seq - s.beta * (kl * maskf).sum(dim=1) / lengths
     denom = normalizer if normalizer is not None else denominator(mask, s)

@@ -1,0 +1,62 @@
+"""The step's samples and rewards: fresh or cached rollouts of the batch's prompts, or OPTune's
+pairs (regenerate only the lowest-ranked stored prompts, merge, train on the pool's pairs)."""
+from __future__ import annotations
+
+import torch
+
+from ..algos.optune import regeneration_stats, select_prompts
+from ..rollout.types import Rollouts, concat_rollouts, rollouts_from_tokens, sample_and_score
+from .run import Run
+
+
+def sampler_metrics(rollouts: Rollouts) -> dict[str, float]:
+    mask = rollouts.completion_mask.float()
+    return {"tokens/generated": float(mask.sum().item()),
+            "completion_length": mask.sum(dim=1).mean().item(),
+            "entropy": ((rollouts.gen_entropy * mask).sum() / mask.sum().clamp(min=1)).item()}
+
+
+def sample_batch(run: Run, rows: list[dict], timer) -> tuple[Rollouts, torch.Tensor, dict[str, float]]:
+    """n samples per prompt and their rewards [G, n]. Prompts already sampled by these same weights
+    (offline, or a repeat within a sync window) reuse their cached samples instead of regenerating."""
+    n = run.cfg.rollout.n
+    cache = run.cache.for_version(run.generator.version).entries
+    missing = [r for r in rows if r["id"] not in cache]
+    metrics = {"tokens/generated": 0.0, "reward/failures": 0.0}
+    if missing:
+        new, scores, reward_metrics = sample_and_score(run.generator, run.rewarder, run.prompts, missing, n,
+                                                       run.cfg.rollout, run.sample_rng, timer)
+        metrics = {"tokens/generated": sampler_metrics(new)["tokens/generated"]} | reward_metrics
+        for i, r in enumerate(missing):
+            cache[r["id"]] = (new.select(torch.arange(i * n, (i + 1) * n)), scores[i * n:(i + 1) * n])
+    parts = [cache[r["id"]] for r in rows]
+    rollouts = concat_rollouts([p[0] for p in parts], run.tokenizer.pad_token_id)
+    return rollouts, torch.cat([p[1] for p in parts]).float().view(len(rows), n), metrics
+
+
+def optune_batch(run: Run, rows: list[dict], timer) -> tuple[Rollouts, torch.Tensor, dict[str, float]]:
+    """OPTune (algorithms.md §2): regenerate the batch's new prompts and the ⌈ρ·|known|⌉ lowest-key stored
+    ones, merge each with its stored pair, and return the pool's pairs as groups of 2 (chosen, rejected)
+    with rewards [G, 2]; a pair without a gap trains nothing."""
+    opt, n, pool = run.cfg.algo.optune, run.cfg.rollout.n, run.optune_pool
+    ids = [r["id"] for r in rows]
+    picked = set(select_prompts(pool, opt.rho, opt.key, seed=run.cfg.train.seed * 1_000_003 + run.step, among=ids))
+    regen = [r for r in rows if r["id"] not in pool or r["id"] in picked]
+    metrics = {"optune/prompts_regenerated": float(len(regen)), "tokens/generated": 0.0, "reward/failures": 0.0}
+    if regen:
+        new, scores, reward_metrics = sample_and_score(run.generator, run.rewarder, run.prompts, regen, n,
+                                                       run.cfg.rollout, run.sample_rng, timer)
+        lengths, tokens = new.lengths.tolist(), new.completion_ids.tolist()
+        completions = [[tokens[g * n + j][:lengths[g * n + j]] for j in range(n)] for g in range(len(regen))]
+        merged = pool.merge_many([r["id"] for r in regen], completions, scores.view(len(regen), n),
+                                 run.generator.version)
+        fresh = sampler_metrics(new)
+        metrics |= reward_metrics | fresh | {"reward/fresh_mean": scores.float().mean().item()} | regeneration_stats(
+            len(rows), len(regen), n, int(fresh["tokens/generated"]), merged, run.generator.version)
+    entries = [pool[i] for i in ids]
+    prompts = [run.prompts(r) for r in rows for _ in range(2)]
+    completions = [side for e in entries for side in (e.chosen, e.rejected)]
+    versions = [v for e in entries for v in (e.version_chosen, e.version_rejected)]
+    pairs = rollouts_from_tokens(prompts, completions, versions, run.tokenizer.pad_token_id, n=2).to(run.device)
+    rewards = torch.tensor([[e.r_chosen, e.r_rejected] for e in entries], dtype=torch.float32)
+    return pairs, rewards, metrics | pool.stats(run.generator.version)
