@@ -83,7 +83,7 @@ def test_fresh_enough_drops_and_counts_old_samples_and_keeps_groups_whole():
     versions = torch.tensor([10, 10, 7, 7, 9, 8])
     keep, m = fresh_enough(versions, policy_step=10, max_staleness=2)
     assert keep.tolist() == [True, True, False, False, True, True]
-    assert m == {"staleness/max": 3.0, "staleness/dropped": 2.0}
+    assert m == {"staleness/max_sampled": 3.0, "staleness/dropped": 2.0}
     keep, m = fresh_enough(versions, policy_step=10, max_staleness=1, n=2)  # group 2 has a sample 2 old
     assert keep.tolist() == [True, True, False, False, False, False] and m["staleness/dropped"] == 4.0
     keep, m = fresh_enough(versions, policy_step=10, max_staleness=None)

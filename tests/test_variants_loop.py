@@ -65,3 +65,48 @@ def test_sequence_mask_that_drops_every_sequence_leaves_no_policy_gradient(tmp_p
         loss, _ = run.objective.loss(run.train_policy, micro)
         loss.backward()
         assert all(p.grad is None or not p.grad.any() for p in run.train_policy.parameters())
+
+
+def half_flat_reward(tmp_path):
+    """Graded by length for prompts of odd length, 0 for the rest: about half the groups carry no signal."""
+    reward = tmp_path / "half.py"
+    reward.write_text("def score(prompts, completions, **_):\n"
+                      "    return [float(len(c)) if len(str(p)) % 2 else 0.0 for p, c in zip(prompts, completions)]\n")
+    return [f"rewards.tasks.arithmetic.kind=python", f"rewards.tasks.arithmetic.function={reward}:score"]
+
+
+def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path, tiny_model_dir):
+    base = BASE + half_flat_reward(tmp_path) + ["algo.name=grpo", "algo.beta=0", "data.num_train=64"]
+    plain = build_run(load_config(write_config(tmp_path, tiny_model_dir), base + [f"train.out_dir={tmp_path / 'a'}"]))
+    off = [train_step(plain) for _ in range(3)]
+    assert sum(m["groups/skipped"] for m in off) > 0  # without it, flat groups are skipped
+    run = build_run(load_config(write_config(tmp_path, tiny_model_dir), base + [
+        "rollout.dynamic_sampling.max_rounds=6", f"train.out_dir={tmp_path / 'b'}"]))
+    for _ in range(3):
+        m = train_step(run)
+        assert m["sampling/groups_kept"] == 4 and m["groups/skipped"] == 0  # prompts_per_step informative groups
+        assert m["sampling/rounds"] >= 1 and m["sampling/groups_sampled"] >= 4
+        # the ledger: every round's tokens are generated, only the kept groups' are trained
+        assert m["tokens/generated_all_rounds"] == m["tokens/generated"]
+        assert m["tokens/trained"] == m["tokens/generated"] - m["tokens/unused"]
+
+
+def test_bounded_staleness_drops_and_counts_old_groups(tmp_path, tiny_model_dir):
+    from bridgerl.train.loop import Timer
+    from bridgerl.train.rollouts import sample_batch
+    from bridgerl.train.selection import select_samples
+
+    run = build_run(load_config(write_config(tmp_path, tiny_model_dir), BASE + [
+        "algo.name=grpo", "rollout.sync_every=2", "rollout.max_staleness=1", f"train.out_dir={tmp_path / 's'}"]))
+    steps = [train_step(run) for _ in range(4)]
+    assert all(m["staleness/dropped"] == 0 for m in steps)  # s = 2 ≤ k + 1: nothing is ever too old in-process
+    # Samples from overlapping workers can be older: versions 4, 3, 1, 0 against policy step 4.
+    rows = run.stream.next_batch()
+    rollouts, rewards, sampled = sample_batch(run, rows, Timer())
+    rollouts.versions = torch.tensor([4, 3, 1, 0]).repeat_interleave(run.cfg.rollout.n)
+    (kept_rows, kept, kept_rewards), m = select_samples(run, (rows, rollouts, rewards), sampled, Timer())
+    assert [r["id"] for r in kept_rows] == [r["id"] for r in rows[:2]] and kept_rewards.shape == (2, run.cfg.rollout.n)
+    assert kept.versions.tolist() == [4] * 4 + [3] * 4 and m["staleness/dropped"] == 8
+    rollouts.versions = torch.zeros_like(rollouts.versions)
+    with pytest.raises(RuntimeError, match="rollout.max_staleness"):
+        select_samples(run, (rows, rollouts, rewards), sampled, Timer())

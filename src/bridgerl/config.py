@@ -273,6 +273,10 @@ class Config(Strict):
         if self.reference.sync == "with_generator" and self.rollout.sync_every == 0:
             raise ValueError("reference.sync=with_generator never fires when rollout.sync_every=0 (offline); "
                              "use reference.sync=never or a sync_every >= 1")
+        if isinstance(self.algo, DPOConfig) and self.algo.optune is not None and (
+                self.rollout.dynamic_sampling.max_rounds or self.rollout.max_staleness is not None):
+            raise ValueError("algo.optune trains on its stored pool of pairs, which rollout.dynamic_sampling and "
+                             "rollout.max_staleness do not select from; drop them or algo.optune")
         k = self.rollout.max_staleness
         if k is not None and self.rollout.sync_every == 0:
             raise ValueError(f"rollout.max_staleness={k} with rollout.sync_every=0 (offline): every sample comes "

@@ -31,7 +31,7 @@ def fresh_enough(versions: torch.Tensor,  # [S] weights version that produced ea
             raise ValueError(f"{versions.numel()} samples do not split into groups of n={n}")
         staleness = staleness.view(-1, n).max(dim=1, keepdim=True).values.expand(-1, n).reshape(-1)
     keep = torch.ones_like(staleness, dtype=torch.bool) if max_staleness is None else staleness <= max_staleness
-    metrics = {"staleness/max": float(staleness.max().item()) if staleness.numel() else 0.0,
+    metrics = {"staleness/max_sampled": float(staleness.max().item()) if staleness.numel() else 0.0,
                "staleness/dropped": float((~keep).sum().item())}
     return keep, metrics
 

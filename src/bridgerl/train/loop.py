@@ -18,6 +18,7 @@ from .logger import MetricsLogger
 from .optim import clip_and_step
 from .rollouts import optune_batch, sample_batch
 from .run import Run, build_run
+from .selection import select_samples
 
 
 class Timer:
@@ -47,6 +48,8 @@ def train_step(run: Run) -> dict:
     with timer("generation"):
         sample = optune_batch if run.optune_pool is not None else sample_batch
         rollouts, rewards, sampled = sample(run, rows, timer)
+        if run.optune_pool is None:  # bounded staleness and dynamic sampling (off unless configured)
+            (rows, rollouts, rewards), sampled = select_samples(run, (rows, rollouts, rewards), sampled, timer)
     reference = reference_for(run, rollouts)
     grpovi_metrics = {}
     if getattr(cfg.algo, "grpovi", None) is not None:
