@@ -32,9 +32,9 @@ def optune_batch(run: Run, rows: list[dict], timer) -> tuple[Rollouts, torch.Ten
         completions = [[tokens[g * n + j][:lengths[g * n + j]] for j in range(n)] for g in range(len(regen))]
         merged = pool.merge_many([r["id"] for r in regen], completions, scores.view(len(regen), n),
                                  run.generator.version)
-        fresh = sampler_metrics(new)
-        metrics |= reward_metrics | fresh | {"reward/fresh_mean": scores.float().mean().item()} | regeneration_stats(
-            len(rows), len(regen), n, int(fresh["tokens/generated"]), merged, run.generator.version)
+        sampled = sampler_metrics(new)
+        metrics |= reward_metrics | sampled | {"reward/fresh_mean": scores.float().mean().item()} | regeneration_stats(
+            len(rows), len(regen), n, int(sampled["tokens/generated"]), merged, run.generator.version)
     entries = [pool[i] for i in ids]
     prompts = [run.prompts(r) for r in rows for _ in range(2)]
     completions = [side for e in entries for side in (e.chosen, e.rejected)]
