@@ -108,6 +108,23 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir, sync)
     assert comparable(step_lines(tmp_path / "full")) == comparable(step_lines(tmp_path / "half"))
 
 
+def test_resume_refuses_a_config_that_changes_the_run(tmp_path, tiny_model_dir, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir)
+    common = BASE + ["eval.at_start=false", "train.steps=2"]
+    out = str(tmp_path / "run")
+    assert main(["train", str(cfg), *common, "--out", out]) == 0
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    changed = ["optim.lr=5e-4", "rollout.n=2"]
+    assert main(["train", str(cfg), *common, *changed, "train.steps=3", "--out", out, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr" in err and "rollout.n" in err and "--force" in err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before  # nothing was touched
+    # train.steps and eval settings may change on resume; --force accepts the rest
+    assert main(["train", str(cfg), *common, "train.steps=3", "eval.max_prompts=4", "--out", out, "--resume"]) == 0
+    assert main(["train", str(cfg), *common, *changed, "train.steps=4", "--out", out, "--resume", "--force"]) == 0
+    assert [m["step"] for m in step_lines(tmp_path / "run")] == [1, 2, 3, 4]
+
+
 def test_kill_during_checkpoint_write_resumes_from_last_good(tmp_path, tiny_model_dir, monkeypatch):
     import bridgerl.train.checkpoint as ckpt
 
@@ -190,7 +207,7 @@ def test_grpovi_in_the_loop_raises_variance_and_keeps_mean(tmp_path, tiny_model_
         f"train.out_dir={tmp_path / 'vi'}"])
     run = build_run(cfg)
     from bridgerl.train.loop import Timer, grpovi, reference_for
-    from bridgerl.train.rollouts import sample_batch
+    from bridgerl.train.loop import sample_batch
 
     rows = run.stream.next_batch()
     rollouts, _, _ = sample_batch(run, rows, Timer())
@@ -219,7 +236,7 @@ def test_grpo_reads_reference_logprobs_once_per_batch(tmp_path, tiny_model_dir):
     from bridgerl.algos.objective import BatchContext
     from bridgerl.rollout.logprobs import ReferenceLogprobs
     from bridgerl.train.loop import Timer, grpovi, reference_for, update_policy
-    from bridgerl.train.rollouts import sample_batch
+    from bridgerl.train.loop import sample_batch
 
     rows, n = run.stream.next_batch(), cfg.rollout.n
     rollouts, _, _ = sample_batch(run, rows, Timer())

@@ -46,8 +46,7 @@ def test_sequence_mask_that_drops_every_sequence_leaves_no_policy_gradient(tmp_p
     """seq_mask with a band no real sequence fits cannot be set through the config (C > 1), so the
     objective's weights are forced here, after its first pass fixed them."""
     from bridgerl.algos.objective import BatchContext
-    from bridgerl.train.loop import Timer
-    from bridgerl.train.rollouts import sample_batch
+    from bridgerl.train.loop import Timer, sample_batch
 
     run = run_for(tmp_path, tiny_model_dir, "algo.rollout_correction=seq_mask", "algo.correction_threshold=1.5")
     cfg = run.cfg
@@ -92,8 +91,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path, tiny
 
 
 def test_bounded_staleness_drops_and_counts_old_groups(tmp_path, tiny_model_dir):
-    from bridgerl.train.loop import Timer
-    from bridgerl.train.rollouts import sample_batch
+    from bridgerl.train.loop import Timer, sample_batch
     from bridgerl.train.selection import select_samples
 
     run = build_run(load_config(write_config(tmp_path, tiny_model_dir), BASE + [
@@ -104,9 +102,9 @@ def test_bounded_staleness_drops_and_counts_old_groups(tmp_path, tiny_model_dir)
     rows = run.stream.next_batch()
     rollouts, rewards, sampled = sample_batch(run, rows, Timer())
     rollouts.versions = torch.tensor([4, 3, 1, 0]).repeat_interleave(run.cfg.rollout.n)
-    (kept_rows, kept, kept_rewards), m = select_samples(run, (rows, rollouts, rewards), sampled, Timer())
+    (kept_rows, kept, kept_rewards), m = select_samples(run, (rows, rollouts, rewards), sampled, Timer(), sample_batch)
     assert [r["id"] for r in kept_rows] == [r["id"] for r in rows[:2]] and kept_rewards.shape == (2, run.cfg.rollout.n)
     assert kept.versions.tolist() == [4] * 4 + [3] * 4 and m["staleness/dropped"] == 8
     rollouts.versions = torch.zeros_like(rollouts.versions)
     with pytest.raises(RuntimeError, match="rollout.max_staleness"):
-        select_samples(run, (rows, rollouts, rewards), sampled, Timer())
+        select_samples(run, (rows, rollouts, rewards), sampled, Timer(), sample_batch)

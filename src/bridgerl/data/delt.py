@@ -108,11 +108,11 @@ def lqs_target_rows(spec: str, train_rows: list[dict], size: int, seed: int) -> 
     from .tasks import builtin_rows
 
     taken = {r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"]) for r in train_rows}
-    fresh = [r for r in builtin_rows(spec, 4 * size, seed + 7919, "train") if r["prompt"] not in taken]
-    if len(fresh) < size:
+    unseen = [r for r in builtin_rows(spec, 4 * size, seed + 7919, "train") if r["prompt"] not in taken]
+    if len(unseen) < size:
         raise ValueError(f"built-in task {spec!r} has too few problems outside the scored rows for an LQS target set "
                          f"of {size}; pass --target FILE.jsonl")
-    return fresh[:size]
+    return unseen[:size]
 
 
 def write_scores(path: str | Path, scores: np.ndarray, rows: list[dict]) -> Path:

@@ -11,12 +11,12 @@ from ..algos.grpovi import grpovi_rewards
 from ..algos.objective import BatchContext, TrainBatch, mean_metrics, spread_rows
 from ..config import Config, dump_config
 from ..rollout.logprobs import ReferenceLogprobs
-from ..rollout.types import Rollouts
+from ..rollout.types import Rollouts, concat_rollouts, sample_and_score
 from .checkpoint import resume_run, save_run
 from .evaluate import evaluate
 from .logger import MetricsLogger
 from .optim import clip_and_step
-from .rollouts import optune_batch, sample_batch
+from .optune import optune_batch, sampler_metrics
 from .run import Run, build_run
 from .selection import select_samples
 
@@ -49,7 +49,8 @@ def train_step(run: Run) -> dict:
         sample = optune_batch if run.optune_pool is not None else sample_batch
         rollouts, rewards, sampled = sample(run, rows, timer)
         if run.optune_pool is None:  # bounded staleness and dynamic sampling (off unless configured)
-            (rows, rollouts, rewards), sampled = select_samples(run, (rows, rollouts, rewards), sampled, timer)
+            drawn = (rows, rollouts, rewards)
+            (rows, rollouts, rewards), sampled = select_samples(run, drawn, sampled, timer, sample_batch)
     reference = reference_for(run, rollouts)
     grpovi_metrics = {}
     if getattr(cfg.algo, "grpovi", None) is not None:
@@ -68,6 +69,24 @@ def train_step(run: Run) -> dict:
     if metrics.get("tokens/generated") and timer.seconds.get("generate"):
         metrics["tokens/s"] = metrics["tokens/generated"] / timer.seconds["generate"]
     return metrics
+
+
+def sample_batch(run: Run, rows: list[dict], timer) -> tuple[Rollouts, torch.Tensor, dict[str, float]]:
+    """n samples per prompt and their rewards [G, n]. Prompts already sampled by these same weights
+    (offline, or a repeat within a sync window) reuse their cached samples instead of regenerating."""
+    n = run.cfg.rollout.n
+    cache = run.cache.for_version(run.generator.version).entries
+    missing = [r for r in rows if r["id"] not in cache]
+    metrics = {"tokens/generated": 0.0, "reward/failures": 0.0}
+    if missing:
+        new, scores, reward_metrics = sample_and_score(run.generator, run.rewarder, run.prompts, missing, n,
+                                                       run.cfg.rollout, run.sample_rng, timer)
+        metrics = {"tokens/generated": sampler_metrics(new)["tokens/generated"]} | reward_metrics
+        for i, r in enumerate(missing):
+            cache[r["id"]] = (new.select(torch.arange(i * n, (i + 1) * n)), scores[i * n:(i + 1) * n])
+    parts = [cache[r["id"]] for r in rows]
+    rollouts = concat_rollouts([p[0] for p in parts], run.tokenizer.pad_token_id)
+    return rollouts, torch.cat([p[1] for p in parts]).float().view(len(rows), n), metrics
 
 
 def reference_for(run: Run, rollouts: Rollouts) -> ReferenceLogprobs | None:

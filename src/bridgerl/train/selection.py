@@ -3,14 +3,17 @@ sampling (`rollout.dynamic_sampling`). The bookkeeping is algos/sampling.py; thi
 draws more prompts and cuts the batch, so the loop calls one function."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..algos.sampling import DynamicBatch, fresh_enough
 from ..rollout.types import Rollouts, concat_rollouts
-from .rollouts import sample_batch
 from .run import Run
 
 Batch = tuple[list[dict], Rollouts, torch.Tensor]  # rows (prompts), rollouts [G·n], rewards [G, n]
+# the loop's sampler: (run, rows, timer) → (rollouts, rewards [G, n], sampler metrics)
+Sampler = Callable[[Run, list[dict], object], tuple[Rollouts, torch.Tensor, dict[str, float]]]
 
 
 def group_rows(groups: torch.Tensor, n: int) -> torch.Tensor:
@@ -37,7 +40,7 @@ def drop_stale(run: Run, batch: Batch) -> tuple[Batch, dict[str, float]]:
     return cut(batch, groups, n), metrics
 
 
-def refill(run: Run, batch: Batch, timer) -> tuple[Batch, dict[str, float]]:
+def refill(run: Run, batch: Batch, timer, sample: Sampler) -> tuple[Batch, dict[str, float]]:
     """DAPO's dynamic sampling: keep the groups whose rewards spread more than `tol` and sample further
     prompts until `prompts_per_step` such groups are held or `max_rounds` extra rounds are spent.
     Nothing informative at all: the batch stays as it was (the objective skips it and says so)."""
@@ -48,7 +51,7 @@ def refill(run: Run, batch: Batch, timer) -> tuple[Batch, dict[str, float]]:
     all_rewards = [batch[2].flatten()]
     while filler.needs_more():
         rows = run.stream.next_batch()
-        rollouts, rewards, m = sample_batch(run, rows, timer)
+        rollouts, rewards, m = sample(run, rows, timer)
         for key in metrics:
             metrics[key] += m.get(key, 0.0)
         all_rewards.append(rewards.flatten())
@@ -63,16 +66,18 @@ def refill(run: Run, batch: Batch, timer) -> tuple[Batch, dict[str, float]]:
     return (rows, rollouts, torch.cat([p[2] for p in parts])), metrics
 
 
-def select_samples(run: Run, batch: Batch, sampled: dict[str, float], timer) -> tuple[Batch, dict[str, float]]:
+def select_samples(run: Run, batch: Batch, sampled: dict[str, float], timer,
+                   sample: Sampler) -> tuple[Batch, dict[str, float]]:
     """The step's batch after bounded staleness and dynamic sampling, each off unless configured.
-    `sampled` (the first round's sampler metrics) gains the extra rounds' generated tokens."""
+    `sampled` (the first round's sampler metrics) gains the extra rounds' generated tokens; `sample`
+    draws the extra rounds (the loop's sample_batch, passed in so this module need not import the loop)."""
     cfg = run.cfg.rollout
     metrics = dict(sampled)
     if cfg.max_staleness is not None:
         batch, m = drop_stale(run, batch)
         metrics |= m
     if cfg.dynamic_sampling.max_rounds:
-        batch, m = refill(run, batch, timer)
+        batch, m = refill(run, batch, timer, sample)
         for key in ("tokens/generated", "reward/failures"):
             metrics[key] = metrics.get(key, 0.0) + m.pop(key)
         metrics |= m

@@ -1,11 +1,11 @@
-"""The step's samples and rewards: fresh or cached rollouts of the batch's prompts, or OPTune's
-pairs (regenerate only the lowest-ranked stored prompts, merge, train on the pool's pairs)."""
+"""OPTune's step in the loop (algorithms.md §2): regenerate only the lowest-ranked stored prompts,
+merge the new samples into the pool, and train on the pool's pairs."""
 from __future__ import annotations
 
 import torch
 
 from ..algos.optune import regeneration_stats, select_prompts
-from ..rollout.types import Rollouts, concat_rollouts, rollouts_from_tokens, sample_and_score
+from ..rollout.types import Rollouts, rollouts_from_tokens, sample_and_score
 from .run import Run
 
 
@@ -14,24 +14,6 @@ def sampler_metrics(rollouts: Rollouts) -> dict[str, float]:
     return {"tokens/generated": float(mask.sum().item()),
             "completion_length": mask.sum(dim=1).mean().item(),
             "entropy": ((rollouts.gen_entropy * mask).sum() / mask.sum().clamp(min=1)).item()}
-
-
-def sample_batch(run: Run, rows: list[dict], timer) -> tuple[Rollouts, torch.Tensor, dict[str, float]]:
-    """n samples per prompt and their rewards [G, n]. Prompts already sampled by these same weights
-    (offline, or a repeat within a sync window) reuse their cached samples instead of regenerating."""
-    n = run.cfg.rollout.n
-    cache = run.cache.for_version(run.generator.version).entries
-    missing = [r for r in rows if r["id"] not in cache]
-    metrics = {"tokens/generated": 0.0, "reward/failures": 0.0}
-    if missing:
-        new, scores, reward_metrics = sample_and_score(run.generator, run.rewarder, run.prompts, missing, n,
-                                                       run.cfg.rollout, run.sample_rng, timer)
-        metrics = {"tokens/generated": sampler_metrics(new)["tokens/generated"]} | reward_metrics
-        for i, r in enumerate(missing):
-            cache[r["id"]] = (new.select(torch.arange(i * n, (i + 1) * n)), scores[i * n:(i + 1) * n])
-    parts = [cache[r["id"]] for r in rows]
-    rollouts = concat_rollouts([p[0] for p in parts], run.tokenizer.pad_token_id)
-    return rollouts, torch.cat([p[1] for p in parts]).float().view(len(rows), n), metrics
 
 
 def optune_batch(run: Run, rows: list[dict], timer) -> tuple[Rollouts, torch.Tensor, dict[str, float]]:
@@ -50,9 +32,9 @@ def optune_batch(run: Run, rows: list[dict], timer) -> tuple[Rollouts, torch.Ten
         completions = [[tokens[g * n + j][:lengths[g * n + j]] for j in range(n)] for g in range(len(regen))]
         merged = pool.merge_many([r["id"] for r in regen], completions, scores.view(len(regen), n),
                                  run.generator.version)
-        fresh = sampler_metrics(new)
-        metrics |= reward_metrics | fresh | {"reward/fresh_mean": scores.float().mean().item()} | regeneration_stats(
-            len(rows), len(regen), n, int(fresh["tokens/generated"]), merged, run.generator.version)
+        sampled = sampler_metrics(new)
+        metrics |= reward_metrics | sampled | {"reward/fresh_mean": scores.float().mean().item()} | regeneration_stats(
+            len(rows), len(regen), n, int(sampled["tokens/generated"]), merged, run.generator.version)
     entries = [pool[i] for i in ids]
     prompts = [run.prompts(r) for r in rows for _ in range(2)]
     completions = [side for e in entries for side in (e.chosen, e.rejected)]
