@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import Config, DPOConfig, GRPOConfig, TaskRewardConfig
+from ..config import Config, DPOConfig, GRPOConfig
 from ..models import apply_lora, frozen_copy, load_causal_lm, load_tokenizer
+from ..rewards.registry import build_rewarder
 from ..rollout.hf import HFGenerator
 
 
@@ -52,32 +53,6 @@ def build_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
         raise ValueError(f"data rows use task(s) {unknown} that have no reward; add them under rewards.tasks "
                          f"(known: {sorted(cfg.rewards.tasks)})")
     return train, held
-
-
-def build_reward_fn(task: TaskRewardConfig, device: torch.device):
-    from ..rewards.math import math_reward
-    from ..rewards.model import RewardModelScorer
-    from ..rewards.python_fn import load_callable
-
-    if task.kind == "math":
-        return math_reward
-    if task.kind == "partial":
-        from ..rewards.partial import partial_credit_reward
-        return partial_credit_reward
-    if task.kind == "python":
-        return load_callable(task.function)
-    if task.kind == "model":
-        return RewardModelScorer(task.path, device=device)
-    from ..rewards.python_fn import reasoning_gym_reward
-    return reasoning_gym_reward
-
-
-def build_rewarder(cfg: Config, device: torch.device):
-    from ..rewards.router import RewardRouter
-
-    fns = {name: build_reward_fn(t, device) for name, t in cfg.rewards.tasks.items()}
-    return RewardRouter(fns, failure_score=cfg.rewards.failure_score, timeout_s=cfg.rewards.timeout_s,
-                        default_task=cfg.data.default_task)
 
 
 def lr_lambda_for(o, total: int):
@@ -170,7 +145,7 @@ def build_run(cfg: Config) -> Run:
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
     train_rows, eval_rows = build_rows(cfg)
-    rewarder = build_rewarder(cfg, device)
+    rewarder = build_rewarder(cfg.rewards, cfg.data.default_task, device)
     m = cfg.model
     tokenizer = load_tokenizer(m.path, m.trust_remote_code) if not m.gguf_file else _gguf_tokenizer(m)
     policy = load_causal_lm(m.path, m.dtype, m.trust_remote_code, m.gguf_file, device)
