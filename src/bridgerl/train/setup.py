@@ -158,6 +158,17 @@ def build_run(cfg: Config) -> Run:
             reference = frozen_copy(policy)
     if m.lora:
         policy = apply_lora(policy, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
+        if reference is not None and cfg.reference.sync == "with_generator":
+            # A sync copies the policy's state, base plus adapter, into the reference, so the reference
+            # needs the same adapter modules: a copy of the adapted policy, or (own path) its own model
+            # wrapped alike, whose zero-initialised B leaves it computing its base weights until the
+            # first sync. The RNG is forked so the wrapping adds no draw to the run's stream.
+            if cfg.reference.path:
+                with torch.random.fork_rng(devices=[]):
+                    reference = apply_lora(reference, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
+                reference.requires_grad_(False).eval()
+            else:
+                reference = frozen_copy(policy)
     policy.train()
     generator = HFGenerator(policy, tokenizer, batch_size=cfg.rollout.batch_size,
                             fast_decode=cfg.rollout.fast_decode)
