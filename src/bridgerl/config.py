@@ -164,6 +164,21 @@ class OptimConfig(Strict):
     grad_clip: float = Field(1.0, ge=0, description="0 = off")
 
 
+class AlarmsConfig(Strict):
+    """Collapse detectors (train/alarms.py); None turns one off."""
+    entropy_min: float | None = Field(0.02, ge=0, description="mean sampler token entropy (nats) below this ...")
+    entropy_steps: int = Field(5, ge=1, description="... for this many steps in a row")
+    length_share: float | None = Field(0.5, ge=0, le=1, description="share of samples cut at max_new_tokens above this ...")
+    length_steps: int = Field(5, ge=1, description="... for this many steps in a row")
+    reward_std_min: float | None = Field(None, ge=0, description="batch reward std below this (e.g. 1e-6) ...")
+    reward_steps: int = Field(10, ge=1, description="... for this many steps in a row")
+    reward_z: float | None = Field(8.0, gt=0, description="mean reward this many running sds from its running mean")
+    reward_warmup: int = Field(10, ge=1, description="steps of baseline before reward_z applies")
+    reward_abs_max: float | None = Field(None, gt=0, description="|mean reward| above this is an explosion")
+    rollback_lr_factor: float = Field(0.5, gt=0, lt=1, description="on_collapse=rollback: lr multiplier")
+    max_rollbacks: int = Field(3, ge=0, description="on_collapse=rollback: after this many, stop")
+
+
 class TrainConfig(Strict):
     steps: int = Field(100, gt=0)
     seed: int = 0
@@ -176,6 +191,17 @@ class TrainConfig(Strict):
     mixed_precision: Literal["no", "bf16"] = Field(
         "no", description="bf16: fp32 weights and optimizer, training forwards under bf16 autocast, "
                           "generator and reference held in bf16")
+    alarms: AlarmsConfig = AlarmsConfig()
+    on_collapse: Literal["warn", "stop", "rollback"] = Field(
+        "warn", description="when an alarm fires: log it; stop the run; or restore the last checkpoint "
+                            "with a lower lr (train.alarms.rollback_lr_factor)")
+
+    @model_validator(mode="after")
+    def _rollback_needs_checkpoints(self):
+        if self.on_collapse == "rollback" and self.checkpoint_every == 0:
+            raise ValueError("train.on_collapse=rollback returns to the last checkpoint, but train.checkpoint_every=0 "
+                             "writes none before the end; set train.checkpoint_every (e.g. 10)")
+        return self
 
 
 class EvalConfig(SamplingConfig):
