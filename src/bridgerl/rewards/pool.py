@@ -2,22 +2,23 @@
 
 A thread cannot be stopped: a reward that holds the GIL inside one C call (sympy expanding
 `9^{9^{9^{9}}}`, a user function's `sum(range(10**15))`) blocks its thread, and with it the
-run, forever. So verifiers run in a bounded pool of *spawned* processes that are reused from
-step to step. A call that outlives its timeout gets its worker SIGKILLed; its samples are
-reported as timeouts (the router scores them `rewards.failure_score` and counts them in
-`reward/timeouts`), and a fresh worker is started at once in the background, so later calls
-run as fast as before.
+run, forever. So verifiers run in a bounded pool of worker processes that are reused from step
+to step. A call that outlives its timeout gets its worker SIGKILLed; its samples are reported as
+timeouts (the router scores them `rewards.failure_score` and counts them in `reward/timeouts`),
+and a fresh worker is started at once in the background, so later calls run as fast as before.
 
 Throughput: the parent sends one message per chunk of samples (a task's samples split over the
-idle workers), never one per sample. Per-sample functions (Math-Verify, reasoning-gym) report
-each score back as it is computed, so a kill loses only the sample that hung: the chunk's
-remaining samples go to another worker, and each sample gets the full timeout. A whole-batch
-function (a user's `f(prompts, completions, **columns)`) is one call: it is not split, since
-it may depend on the batch (e.g. normalise within it), and a kill fails its whole call.
+idle workers), and a worker answers with its chunk's scores in one message (or a few, on a slow
+chunk). Per-sample functions (Math-Verify, reasoning-gym) also post *which* sample they are on,
+and since when, to a 24-byte shared-memory board; the parent reads it only when a deadline
+passes. So each sample gets the full timeout, a kill blames exactly the sample that hung, and
+the chunk's other unscored samples go to another worker, all without a message per sample. A
+whole-batch function (a user's `f(prompts, completions, **columns)`) is one call: it is not
+split, since it may depend on the batch (e.g. normalise within it), and a kill fails its call.
 
 Functions travel as "module:function" names and are imported inside the worker, so nothing but
-plain data (strings, numbers, lists, dicts) crosses the pipe. This module imports only the
-standard library at top level, so a worker starts without loading torch.
+plain data (strings, numbers, lists, dicts) crosses the socket. This module imports only the
+standard library, so a worker starts without loading torch.
 
 Workers are started as `python -c ...` subprocesses talking over a socket pair rather than by
 multiprocessing's "spawn", which re-imports the parent's `__main__` in each child: a user's
@@ -27,11 +28,14 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,6 +48,10 @@ logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 120.0  # a worker importing sympy/reasoning-gym on a loaded machine
 MIN_CHUNK = 4  # fewer samples per message than this costs more in messaging than it gains
+FLUSH_S = 0.05  # a slow chunk reports what it has scored at least this often
+# The board: (job id, position in the job, time.monotonic() when that position started).
+# CLOCK_MONOTONIC is one clock for all processes on Linux, so the parent can compare.
+BOARD = struct.Struct("qqd")
 
 
 @dataclass(frozen=True)
@@ -56,9 +64,11 @@ class Failure:
 # --------------------------------------------------------------------------- worker side
 
 
-def _slice(kwargs: dict, start: int, stop: int, n: int) -> dict:
-    """Per-sample columns (lists of length n) cut to [start, stop); other values passed whole."""
-    return {k: (v[start:stop] if isinstance(v, list) and len(v) == n else v) for k, v in kwargs.items()}
+def _take(kwargs: dict, rows: list[int] | range, n: int) -> dict:
+    """Per-sample columns (lists of length n) at `rows`; other values passed whole."""
+    if isinstance(rows, range) and rows == range(n):
+        return kwargs
+    return {k: ([v[i] for i in rows] if isinstance(v, list) and len(v) == n else v) for k, v in kwargs.items()}
 
 
 def _plain(values: Any) -> list | None:
@@ -81,11 +91,12 @@ _BOOT = ("import json, os, sys; sys.path[:] = json.loads(os.environ['BRIDGERL_WO
 
 
 def _worker_entry() -> None:
-    fd = int(os.environ["BRIDGERL_WORKER_FD"])
-    _worker_main(Connection(fd), tuple(json.loads(os.environ["BRIDGERL_WORKER_PRELOAD"])))
+    conn = Connection(int(os.environ["BRIDGERL_WORKER_FD"]))
+    board = mmap.mmap(int(os.environ["BRIDGERL_WORKER_BOARD"]), BOARD.size)
+    _worker_main(conn, board, tuple(json.loads(os.environ["BRIDGERL_WORKER_PRELOAD"])))
 
 
-def _worker_main(conn: Connection, preload: tuple[str, ...]) -> None:
+def _worker_main(conn: Connection, board: mmap.mmap, preload: tuple[str, ...]) -> None:
     # The parent decides when a worker stops; Ctrl-C in the terminal reaches the whole process
     # group, and a worker dying on it mid-step would turn an interrupt into reward failures.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -114,7 +125,7 @@ def _worker_main(conn: Connection, preload: tuple[str, ...]) -> None:
             return
         if job is None:
             return
-        spec, kwargs, n, per_sample, extra, path = job
+        job_id, spec, kwargs, n, per_sample, extra, path = job
         if path != sys.path:  # e.g. a test or notebook put a user's reward folder on sys.path
             sys.path[:] = path
         try:
@@ -122,21 +133,28 @@ def _worker_main(conn: Connection, preload: tuple[str, ...]) -> None:
         except Exception as exc:  # noqa: BLE001
             conn.send(("done", None, f"{type(exc).__name__}: {exc}"))
             continue
-        if per_sample:
-            for i in range(n):
-                try:
-                    out = _plain(fn(**_slice(kwargs, i, i + 1, n), **extra))
-                    value = out[0] if out is not None and len(out) == 1 else Failure(
-                        "length", f"returned {'a non-sequence' if out is None else len(out)} for 1 sample")
-                except Exception as exc:  # noqa: BLE001 — a failed sample is data, not a crash
-                    value = Failure("exception", f"{type(exc).__name__}: {exc}")
-                conn.send(("one", i, value))
-            conn.send(("done", [], None))
-        else:
+        if not per_sample:
+            BOARD.pack_into(board, 0, job_id, 0, time.monotonic())
             try:
                 conn.send(("done", _plain(fn(**kwargs, **extra)), None))
             except Exception as exc:  # noqa: BLE001
                 conn.send(("done", None, f"{type(exc).__name__}: {exc}"))
+            continue
+        scored: list[tuple[int, Any]] = []
+        flushed = time.monotonic()
+        for i in range(n):
+            BOARD.pack_into(board, 0, job_id, i, time.monotonic())
+            try:
+                out = _plain(fn(**_take(kwargs, range(i, i + 1), n), **extra))
+                value = out[0] if out is not None and len(out) == 1 else Failure(
+                    "length", f"returned {'a non-sequence' if out is None else len(out)} for 1 sample")
+            except Exception as exc:  # noqa: BLE001 — a failed sample is data, not a crash
+                value = Failure("exception", f"{type(exc).__name__}: {exc}")
+            scored.append((i, value))
+            if time.monotonic() - flushed >= FLUSH_S and i + 1 < n:
+                conn.send(("some", scored))
+                scored, flushed = [], time.monotonic()
+        conn.send(("done", scored, None))
 
 
 # --------------------------------------------------------------------------- parent side
@@ -144,24 +162,27 @@ def _worker_main(conn: Connection, preload: tuple[str, ...]) -> None:
 
 @dataclass
 class _Chunk:
-    indices: list[int]  # positions in the call's samples
+    indices: list[int]  # positions in the call's samples; the worker sees them as 0..len-1
     per_sample: bool
-    done: int = 0  # per-sample: how many of `indices` have reported
+    job: int = 0
+    sent: float = 0.0
+    scored: set[int] = field(default_factory=set)  # local positions with a result
 
 
 @dataclass
 class _Worker:
     process: Any
     conn: Connection
+    board: mmap.mmap
     ready: bool = False
     started: float = field(default_factory=time.monotonic)
     chunk: _Chunk | None = None
-    deadline: float = 0.0
 
 
 class RewardPool:
-    """A bounded pool of spawned, reused worker processes that run reward functions with a hard
-    timeout. Thread-safe (one call at a time); `close()` (or interpreter exit) stops the workers."""
+    """A bounded pool of worker processes, reused across calls and runs, that run reward
+    functions with a hard timeout. One call at a time (a lock); `close()` or the end of this
+    process stops the workers."""
 
     def __init__(self, processes: int = 2, preload: tuple[str, ...] = ()):
         if processes < 1:
@@ -169,19 +190,27 @@ class RewardPool:
         self.processes = processes
         self.preload = tuple(preload)
         self._lock = threading.Lock()
-        self._workers: list[_Worker] = [self._start() for _ in range(processes)]
+        self._jobs = 0
         self.kills = 0  # workers killed for a timeout, over the pool's life
         self._startup_deaths = 0
+        self._workers: list[_Worker] = [self._start() for _ in range(processes)]
 
     def _start(self) -> _Worker:
         parent, child = socket.socketpair()
-        env = dict(os.environ, BRIDGERL_WORKER_FD=str(child.fileno()),
+        fd, path = tempfile.mkstemp(prefix="bridgerl-reward-board-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        os.unlink(path)  # only the two processes' descriptors keep it
+        os.write(fd, bytes(BOARD.size))
+        board = mmap.mmap(fd, BOARD.size)
+        env = dict(os.environ, BRIDGERL_WORKER_FD=str(child.fileno()), BRIDGERL_WORKER_BOARD=str(fd),
                    BRIDGERL_WORKER_SYS_PATH=json.dumps(sys.path), BRIDGERL_WORKER_PRELOAD=json.dumps(self.preload),
                    OMP_NUM_THREADS="1")  # a verifier needs no BLAS threads; the trainer has the cores
-        proc = subprocess.Popen([sys.executable, "-c", _BOOT], env=env, pass_fds=(child.fileno(),),
-                                stdin=subprocess.DEVNULL)
-        child.close()
-        return _Worker(proc, Connection(parent.detach()))
+        try:
+            proc = subprocess.Popen([sys.executable, "-c", _BOOT], env=env, pass_fds=(child.fileno(), fd),
+                                    stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+            os.close(fd)
+        return _Worker(proc, Connection(parent.detach()), board)
 
     @staticmethod
     def _stop(w: _Worker, kill: bool) -> None:
@@ -193,6 +222,7 @@ class RewardPool:
             w.process.kill()
             w.process.wait(timeout=5)
         w.conn.close()
+        w.board.close()
 
     def _replace(self, w: _Worker) -> None:
         self._stop(w, kill=True)
@@ -208,7 +238,7 @@ class RewardPool:
                     return False
                 for w in list(self._workers):
                     if not w.ready and w.conn in wait([w.conn], timeout=left):
-                        self._receive(w, 0.0, [], [])
+                        self._receive(w, [], [])
             return True
 
     def close(self) -> None:
@@ -248,100 +278,122 @@ class RewardPool:
             self._drive(spec, kwargs, n, timeout_s, extra or {}, todo, results)
         return results
 
-    def _send(self, w: _Worker, chunk: _Chunk, spec: str, kwargs: dict, n: int, timeout_s: float,
-              extra: dict) -> None:
-        lo, hi = chunk.indices[0] + chunk.done, chunk.indices[-1] + 1  # a chunk is a contiguous range
-        w.conn.send((spec, _slice(kwargs, lo, hi, n) if (lo, hi) != (0, n) else kwargs, hi - lo,
-                     chunk.per_sample, extra, list(sys.path)))
-        w.chunk, w.deadline = chunk, time.monotonic() + timeout_s
+    def _send(self, w: _Worker, chunk: _Chunk, spec: str, kwargs: dict, n: int, extra: dict) -> None:
+        self._jobs += 1
+        chunk.job, chunk.sent = self._jobs, time.monotonic()
+        rows = range(chunk.indices[0], chunk.indices[-1] + 1)
+        if list(rows) != chunk.indices:
+            rows = chunk.indices
+        w.conn.send((chunk.job, spec, _take(kwargs, rows, n), len(chunk.indices), chunk.per_sample, extra,
+                     list(sys.path)))
+        w.chunk = chunk
+
+    def _deadline(self, w: _Worker, timeout_s: float) -> tuple[float, int | None]:
+        """When `w`'s current sample runs out of time, and its local position (None: not started)."""
+        job, pos, since = BOARD.unpack_from(w.board, 0)
+        if job != w.chunk.job:
+            return w.chunk.sent + timeout_s, None
+        return since + timeout_s, pos
 
     def _drive(self, spec, kwargs, n, timeout_s, extra, todo: list[_Chunk], results: list) -> None:
         while todo or any(w.chunk for w in self._workers):
             for w in self._workers:
                 if w.ready and w.chunk is None and todo:
-                    chunk = todo.pop(0)
-                    chunk.indices = chunk.indices[chunk.done:]
-                    chunk.done = 0
-                    self._send(w, chunk, spec, kwargs, n, timeout_s, extra)
+                    self._send(w, todo.pop(0), spec, kwargs, n, extra)
             now = time.monotonic()
-            waits = [w.deadline - now for w in self._workers if w.chunk] + \
+            waits = [self._deadline(w, timeout_s)[0] - now for w in self._workers if w.chunk] + \
                 [w.started + STARTUP_TIMEOUT_S - now for w in self._workers if not w.ready]
             limit = min(waits) if waits else float("inf")
             ready = wait([w.conn for w in self._workers], timeout=None if limit == float("inf") else max(0.0, limit))
             for w in list(self._workers):
                 if w.conn in ready:
-                    self._receive(w, timeout_s, results, todo)
+                    self._receive(w, results, todo)
             now = time.monotonic()
             for w in list(self._workers):
-                if w.chunk is not None and now >= w.deadline:
-                    self._on_timeout(w, timeout_s, results, todo)
+                if w.chunk is not None:
+                    deadline, pos = self._deadline(w, timeout_s)
+                    if now >= deadline:
+                        self._on_timeout(w, pos, timeout_s, results, todo)
                 elif not w.ready and now >= w.started + STARTUP_TIMEOUT_S:
                     logger.warning("a reward worker did not start within %.0f s; starting another", STARTUP_TIMEOUT_S)
                     self._replace(w)
 
-    def _receive(self, w: _Worker, timeout_s: float, results: list, todo: list[_Chunk]) -> None:
+    @staticmethod
+    def _requeue(chunk: _Chunk, skip: int | None, todo: list[_Chunk]) -> None:
+        rest = [g for k, g in enumerate(chunk.indices) if k not in chunk.scored and k != skip]
+        if rest:
+            todo.insert(0, _Chunk(rest, chunk.per_sample))
+
+    def _receive(self, w: _Worker, results: list, todo: list[_Chunk]) -> None:
         try:
             msg = w.conn.recv()
         except (EOFError, OSError):  # the worker died on its own (a crash, os._exit, the OOM killer)
-            code = w.process.poll()
-            if not w.ready:
-                self._startup_deaths += 1
-                if self._startup_deaths >= 3:  # no progress is possible: say so instead of looping
-                    self._stop(w, kill=True)
-                    self._workers.remove(w)
-                    raise RuntimeError(
-                        f"reward worker processes exit while starting (exit code {code}); their error is printed "
-                        "above. Run `python -c \"import bridgerl.rewards.pool\"` to check the install, or set "
-                        "rewards.processes=0 to score in the trainer process")
-            chunk = w.chunk
-            if chunk is not None and chunk.done < len(chunk.indices):
-                lost = chunk.indices[chunk.done]
-                results[lost] = Failure("exception", f"the reward worker died (exit code {code})")
-                chunk.done += 1
-                if chunk.per_sample and chunk.done < len(chunk.indices):
-                    todo.insert(0, chunk)
-                else:
-                    for i in chunk.indices[chunk.done:]:
-                        results[i] = results[lost]
-            self._replace(w)
+            self._on_death(w, results, todo)
             return
         if msg[0] == "ready":
             w.ready = True
             self._startup_deaths = 0
-        elif msg[0] == "one":
-            chunk = w.chunk
-            results[chunk.indices[chunk.done]] = msg[2]
-            chunk.done += 1
-            w.deadline = time.monotonic() + timeout_s  # each sample gets the full timeout
-        elif msg[0] == "done":
-            chunk, w.chunk = w.chunk, None
-            values, error = msg[1], msg[2]
-            if chunk.per_sample:
-                return
-            if error is not None:
-                failure = Failure("exception", error)
-                for i in chunk.indices:
-                    results[i] = failure
-            elif values is None or len(values) != len(chunk.indices):
-                got = "a non-sequence" if values is None else f"{len(values)} scores"
-                failure = Failure("length", f"returned {got} for {len(chunk.indices)} samples")
-                for i in chunk.indices:
-                    results[i] = failure
-            else:
-                for i, v in zip(chunk.indices, values):
-                    results[i] = v
-
-    def _on_timeout(self, w: _Worker, timeout_s: float, results: list, todo: list[_Chunk]) -> None:
+            return
         chunk = w.chunk
-        failure = Failure("timeout", f"did not return within {timeout_s:g} s; its worker process was killed")
-        if chunk.per_sample:
-            results[chunk.indices[chunk.done]] = failure  # only the sample that hung
-            chunk.done += 1
-            if chunk.done < len(chunk.indices):
-                todo.insert(0, chunk)
-        else:
+        if msg[0] == "some":
+            for k, value in msg[1]:
+                results[chunk.indices[k]] = value
+                chunk.scored.add(k)
+            return
+        # "done"
+        w.chunk = None
+        values, error = msg[1], msg[2]
+        if error is not None:
+            failure = Failure("exception", error)
             for i in chunk.indices:
                 results[i] = failure
+        elif chunk.per_sample:
+            for k, value in values:
+                results[chunk.indices[k]] = value
+        elif values is None or len(values) != len(chunk.indices):
+            got = "a non-sequence" if values is None else f"{len(values)} scores"
+            failure = Failure("length", f"returned {got} for {len(chunk.indices)} samples")
+            for i in chunk.indices:
+                results[i] = failure
+        else:
+            for i, v in zip(chunk.indices, values):
+                results[i] = v
+
+    def _on_death(self, w: _Worker, results: list, todo: list[_Chunk]) -> None:
+        code = w.process.poll()
+        if not w.ready:
+            self._startup_deaths += 1
+            if self._startup_deaths >= 3:  # no progress is possible: say so instead of looping
+                self._stop(w, kill=True)
+                self._workers.remove(w)
+                raise RuntimeError(
+                    f"reward worker processes exit while starting (exit code {code}); their error is printed "
+                    "above. Run `python -c \"import bridgerl.rewards.pool\"` to check the install, or set "
+                    "rewards.processes=0 to score in the trainer process")
+        chunk = w.chunk
+        if chunk is not None:
+            self._blame(chunk, self._deadline(w, 0.0)[1],
+                        Failure("exception", f"the reward worker died (exit code {code})"), results, todo)
+        self._replace(w)
+
+    def _blame(self, chunk: _Chunk, pos: int | None, failure: Failure, results: list, todo: list[_Chunk]) -> None:
+        """`failure` for the sample at local `pos` (the first unscored one if unknown); a
+        per-sample chunk's other unscored samples go back in the queue, a batch call fails whole."""
+        if not chunk.per_sample:
+            for i in chunk.indices:
+                results[i] = failure
+            return
+        unscored = [k for k in range(len(chunk.indices)) if k not in chunk.scored]
+        if not unscored:  # everything arrived; only the closing message was lost
+            return
+        if pos is None or pos in chunk.scored:
+            pos = unscored[0]
+        results[chunk.indices[pos]] = failure
+        self._requeue(chunk, pos, todo)
+
+    def _on_timeout(self, w: _Worker, pos: int | None, timeout_s: float, results: list, todo: list[_Chunk]) -> None:
+        failure = Failure("timeout", f"did not return within {timeout_s:g} s; its worker process was killed")
+        self._blame(w.chunk, pos, failure, results, todo)
         self.kills += 1
         self._replace(w)
 
