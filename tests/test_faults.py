@@ -25,7 +25,7 @@ TESTS = Path(__file__).resolve().parent
 SRC = str(TESTS.parent / "src")
 COMMON = ["data.train=builtin:arithmetic", "data.num_train=16", "data.num_eval=4", "data.prompts_per_step=2",
           "rollout.n=2", "rollout.max_new_tokens=6", "rollout.sync_every=2", "eval.at_start=false",
-          "eval.max_prompts=4", "eval.max_new_tokens=4", "train.micro_batch=4", "optim.lr=1e-3", "train.steps=6",
+          "eval.max_prompts=4", "eval.max_new_tokens=4", "train.micro_batch=4", "optim.lr=1e-3", "train.steps=4",
           "train.checkpoint_every=1", "train.keep_checkpoints=2", "log.progress=false", "log.tensorboard=false",
           "rewards.processes=1"]
 
