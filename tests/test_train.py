@@ -130,19 +130,19 @@ def test_kill_during_checkpoint_write_resumes_from_last_good(tmp_path, tiny_mode
 
     cfg = write_config(tmp_path, tiny_model_dir)
     common = BASE + ["rollout.sync_every=2", "eval.at_start=false", "train.checkpoint_every=1", "train.steps=4"]
-    real_save = torch.save
+    real_write = ckpt._write
 
-    def dying_save(obj, path, *a, **k):
+    def dying_write(path, data):
         if "step-0000003" in str(path):
-            Path(path).write_bytes(b"half a checkpoint")
+            Path(path).write_bytes(data[: len(data) // 2])  # half a checkpoint
             raise KeyboardInterrupt("killed while writing")
-        return real_save(obj, path, *a, **k)
+        return real_write(path, data)
 
-    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    monkeypatch.setattr(ckpt, "_write", dying_write)
     with pytest.raises(KeyboardInterrupt):
         main(["train", str(cfg), *common, "--out", str(tmp_path / "killed")])
     assert ckpt.latest_checkpoint(tmp_path / "killed").name == "step-0000002"
-    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    monkeypatch.setattr(ckpt, "_write", real_write)
     assert main(["train", str(cfg), *common, "--out", str(tmp_path / "killed"), "--resume"]) == 0
     assert main(["train", str(cfg), *common, "--out", str(tmp_path / "clean")]) == 0
     assert comparable(step_lines(tmp_path / "killed")) == comparable(step_lines(tmp_path / "clean"))

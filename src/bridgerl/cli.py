@@ -19,6 +19,8 @@ HELP = """bridgerl: RL post-training of language models, offline to online in on
   bridgerl report RUN_DIR... [--out DIR]              report.md + plots comparing any runs
 
 Every config key can be overridden on the command line, e.g. rollout.sync_every=10 algo.beta=0.1.
+A mistake in a config, path, data row or reward function prints one line and exits with code 2;
+add --debug to see the traceback.
 Run `bridgerl COMMAND --help` for the options of each command.
 """
 
@@ -38,11 +40,12 @@ def _load(command: str, cls_name: str, args):
     try:
         return config.load_typed(getattr(config, cls_name), args.config, args.overrides)
     except (config.ConfigError, FileNotFoundError) as err:
-        print(f"bridgerl {command}: {err}", file=sys.stderr)
+        print(f"bridgerl {command}: error: {_user_error(err)}", file=sys.stderr)
         return None
 
 
 def cmd_train(args) -> int:
+    from .config import check_paths
     from .train.loop import train
 
     cfg = _load("train", "Config", args)
@@ -50,6 +53,7 @@ def cmd_train(args) -> int:
         return 2
     if args.out:
         cfg.train.out_dir = args.out
+    check_paths(cfg)
     _quiet_transformers()
     from .train.checkpoint import ResumeConfigError
 
@@ -277,7 +281,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error(err: BaseException) -> str | None:
+    """One line for a mistake the user can fix (bad config, path, data row, reward function,
+    checkpoint), or None for anything else (a bug: its traceback is what helps)."""
+    from .config import ConfigError
+    from .data.formats import DataError
+    from .train.checkpoint import CheckpointError
+
+    if isinstance(err, (ConfigError, DataError, CheckpointError, FileNotFoundError, OSError)):
+        text = str(err)
+    elif isinstance(err, (ImportError, AttributeError, TypeError, ValueError)) and "reward function" in str(err):
+        text = str(err)  # rewards/python_fn.load_callable: the message names the 'module:function'
+    else:
+        return None
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if lines and lines[0].endswith(":") and len(lines) > 1:  # "invalid config:" + one line per problem
+        return lines[0] + " " + "; ".join(lines[1:])
+    return " ".join(lines)[:600] or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere on the line: show the full traceback of a user error
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     # Overrides may come before or after flags: `score cfg --sft a.b=1` leaves a.b=1 unparsed.
     args, extra = parser.parse_known_args(argv)
@@ -291,7 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as err:  # noqa: BLE001 — sorted into user mistakes (one line) and bugs (traceback)
+        line = _user_error(err)
+        if line is None or debug:
+            raise
+        print(f"bridgerl {args.command}: error: {line} (run with --debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

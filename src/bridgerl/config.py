@@ -3,6 +3,8 @@ combinations are refused before any model loads, with the key path and what is a
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -178,7 +180,10 @@ class TaskRewardConfig(Strict):
 class RewardsConfig(Strict):
     tasks: dict[str, TaskRewardConfig] = Field(default_factory=lambda: {"arithmetic": TaskRewardConfig(kind="math")})
     failure_score: float = 0.0
-    timeout_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(10.0, gt=0, description="per call (per sample for math and reasoning_gym); "
+                                                    "a call past it is killed and scores failure_score")
+    processes: int = Field(2, ge=0, description="worker processes for math, reasoning_gym and python rewards; "
+                                                "0 runs them in the trainer process (a hang cannot be killed)")
 
 
 class EfficacyConfig(Strict):
@@ -215,6 +220,21 @@ class OptimConfig(Strict):
     grad_clip: float = Field(1.0, ge=0, description="0 = off")
 
 
+class AlarmsConfig(Strict):
+    """Collapse detectors (train/alarms.py); None turns one off."""
+    entropy_min: float | None = Field(0.02, ge=0, description="mean sampler token entropy (nats) below this ...")
+    entropy_steps: int = Field(5, ge=1, description="... for this many steps in a row")
+    length_share: float | None = Field(0.5, ge=0, le=1, description="share of samples cut at max_new_tokens above this ...")
+    length_steps: int = Field(5, ge=1, description="... for this many steps in a row")
+    reward_std_min: float | None = Field(None, ge=0, description="batch reward std below this (e.g. 1e-6) ...")
+    reward_steps: int = Field(10, ge=1, description="... for this many steps in a row")
+    reward_z: float | None = Field(8.0, gt=0, description="mean reward this many running sds from its running mean")
+    reward_warmup: int = Field(10, ge=1, description="steps of baseline before reward_z applies")
+    reward_abs_max: float | None = Field(None, gt=0, description="|mean reward| above this is an explosion")
+    rollback_lr_factor: float = Field(0.5, gt=0, lt=1, description="on_collapse=rollback: lr multiplier")
+    max_rollbacks: int = Field(3, ge=0, description="on_collapse=rollback: after this many, stop")
+
+
 class TrainConfig(Strict):
     steps: int = Field(100, gt=0)
     seed: int = 0
@@ -227,6 +247,17 @@ class TrainConfig(Strict):
     mixed_precision: Literal["no", "bf16"] = Field(
         "no", description="bf16: fp32 weights and optimizer, training forwards under bf16 autocast, "
                           "generator and reference held in bf16")
+    alarms: AlarmsConfig = AlarmsConfig()
+    on_collapse: Literal["warn", "stop", "rollback"] = Field(
+        "warn", description="when an alarm fires: log it; stop the run; or restore the last checkpoint "
+                            "with a lower lr (train.alarms.rollback_lr_factor)")
+
+    @model_validator(mode="after")
+    def _rollback_needs_checkpoints(self):
+        if self.on_collapse == "rollback" and self.checkpoint_every == 0:
+            raise ValueError("train.on_collapse=rollback returns to the last checkpoint, but train.checkpoint_every=0 "
+                             "writes none before the end; set train.checkpoint_every (e.g. 10)")
+        return self
 
 
 class EvalConfig(SamplingConfig):
@@ -295,6 +326,41 @@ class Config(Strict):
 
 class ConfigError(ValueError):
     """A config the user must fix; the message names the key path and what is allowed."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def missing_path(value: str) -> bool:
+    """True for a local path that does not exist; a hub id ("org/name") is not a local path."""
+    if Path(value).expanduser().exists():
+        return False
+    return not _HUB_ID.match(value) or value.endswith((".py", ".jsonl", ".json", ".csv", ".parquet"))
+
+
+def check_paths(cfg: "Config") -> None:
+    """Refuse, before anything loads, model/reference/reward-model paths that point nowhere."""
+    found = [("model.path", cfg.model.path), ("reference.path", cfg.reference.path)]
+    found += [(f"rewards.tasks.{name}.path", t.path) for name, t in cfg.rewards.tasks.items() if t.kind == "model"]
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    for key, value in found:
+        if not value:
+            continue
+        if missing_path(value):
+            raise ConfigError(f"config key '{key}' = {value!r}: no such folder (nor a hub id like 'org/name'); "
+                              "give a folder with config.json and weights, e.g. one written by `bridgerl tiny`")
+        if offline and not Path(value).expanduser().exists() and not _in_hub_cache(value):
+            raise ConfigError(f"config key '{key}' = {value!r}: no such folder, and as a hub id it is not in the "
+                              "local cache while HF_HUB_OFFLINE=1; fix the path or download the model first")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return any(r.repo_id == repo_id for r in scan_cache_dir().repos)
+    except Exception:  # noqa: BLE001 — no cache folder yet, or an old huggingface_hub
+        return False
 
 
 def _fields_at(model_cls: type[BaseModel] | None, path: tuple) -> tuple[type[BaseModel] | None, list[str]]:

@@ -208,7 +208,7 @@ def reasoning_gym_rows(name: str, n: int, seed: int, split: str = "train",
                        heldout_fraction: float = HELDOUT_FRACTION, instruction: str = RG_INSTRUCTION,
                        **config: Any) -> list[dict]:
     """`n` rows of reasoning-gym dataset `name`: prompt, answer, task `rg:<name>` and the
-    `entry` that `rewards.python_fn.reasoning_gym_reward` scores with. `config` goes to the
+    `entry` that `rewards.reasoning_gym.reasoning_gym_reward` scores with. `config` goes to the
     dataset's config (e.g. `min_terms=2`)."""
     try:
         import reasoning_gym

@@ -14,6 +14,7 @@ from ..rollout.logprobs import ReferenceLogprobs
 from ..rollout.types import Rollouts, concat_rollouts, sample_and_score
 from .checkpoint import resume_run, save_run
 from .evaluate import evaluate
+from .alarms import clipped_share, respond
 from .logger import MetricsLogger
 from .optim import clip_and_step
 from .optune import optune_batch, sampler_metrics
@@ -81,7 +82,13 @@ def sample_batch(run: Run, rows: list[dict], timer) -> tuple[Rollouts, torch.Ten
     if missing:
         new, scores, reward_metrics = sample_and_score(run.generator, run.rewarder, run.prompts, missing, n,
                                                        run.cfg.rollout, run.sample_rng, timer)
-        metrics = {"tokens/generated": sampler_metrics(new)["tokens/generated"]} | reward_metrics
+        lengths = new.lengths
+        eos = getattr(run.generator, "eos_ids", torch.tensor([run.tokenizer.eos_token_id]))
+        ended = torch.isin(new.completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1),
+                           eos.to(lengths.device)) & (lengths > 0)
+        metrics = {"tokens/generated": sampler_metrics(new)["tokens/generated"],
+                   "completion/clipped_share": clipped_share(new.completion_mask, ended, run.cfg.rollout.max_new_tokens)
+                   } | reward_metrics
         for i, r in enumerate(missing):
             cache[r["id"]] = (new.select(torch.arange(i * n, (i + 1) * n)), scores[i * n:(i + 1) * n])
     parts = [cache[r["id"]] for r in rows]
@@ -194,6 +201,14 @@ def train(cfg: Config, resume: bool = False, run: Run | None = None, force: bool
         metrics = train_step(run)
         if run.monitor:
             metrics |= run.monitor.maybe_measure(run.policy, run.step)
+        warnings = run.alarm.update(metrics)
+        metrics |= run.alarm.flags()
+        step = run.step
+        stop = respond(run, run.alarm, warnings, cfg.train.on_collapse, cfg.train.alarms.rollback_lr_factor,
+                       cfg.train.alarms.max_rollbacks)
+        if run.step != step:  # rolled back: the replayed steps are logged again
+            logger.log(step, metrics)
+            continue
         if cfg.eval.every and run.step % cfg.eval.every == 0 and run.eval_rows and run.step < cfg.train.steps:
             metrics |= evaluate(run)
         logger.log(run.step, metrics)
@@ -201,6 +216,8 @@ def train(cfg: Config, resume: bool = False, run: Run | None = None, force: bool
         every = cfg.train.checkpoint_every
         if every and run.step % every == 0 and run.step < cfg.train.steps:
             save_run(run)
+        if stop:
+            break
     progress.close()
     if run.eval_rows:
         logger.log(run.step, evaluate(run), final=True)

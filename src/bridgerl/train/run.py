@@ -16,6 +16,7 @@ from ..models import apply_lora, frozen_copy, load_causal_lm, load_tokenizer
 from ..monitor.live import LiveMonitor
 from ..rollout.hf import HFGenerator
 from ..rollout.types import Generator, Rewarder, Rollouts
+from .alarms import CollapseAlarm
 from .optim import build_optimizer, pick_device, seed_everything
 
 
@@ -59,6 +60,7 @@ class Run:
     optune_pool: PairPool | None = None  # OPTune's stored pairs (algo.optune)
     monitor: LiveMonitor | None = None  # grokking monitors (monitor.pathways)
     eval_generator: HFGenerator | None = None  # samples from the policy's own weights (no copy)
+    alarm: CollapseAlarm | None = None  # entropy / length / reward collapse detectors (train.alarms)
 
     @property
     def binary_tasks(self) -> set[str]:
@@ -127,6 +129,17 @@ def build_run(cfg: Config) -> Run:
             reference = frozen_copy(policy)
     if m.lora:
         policy = apply_lora(policy, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
+        if reference is not None and cfg.reference.sync == "with_generator":
+            # A sync copies the policy's state, base plus adapter, into the reference, so the reference
+            # needs the same adapter modules: a copy of the adapted policy, or (own path) its own model
+            # wrapped alike, whose zero-initialised B leaves it computing its base weights until the
+            # first sync. The RNG is forked so the wrapping adds no draw to the run's stream.
+            if cfg.reference.path:
+                with torch.random.fork_rng(devices=[]):
+                    reference = apply_lora(reference, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
+                reference.requires_grad_(False).eval()
+            else:
+                reference = frozen_copy(policy)
     policy.train()
     generator = HFGenerator(policy, tokenizer, batch_size=cfg.rollout.batch_size, fast_decode=cfg.rollout.fast_decode)
     train_policy = policy
@@ -155,4 +168,5 @@ def build_run(cfg: Config) -> Run:
         pair_rng=torch.Generator().manual_seed(cfg.train.seed + 1), out_dir=out,
         optune_pool=PairPool() if getattr(cfg.algo, "optune", None) is not None else None,
         monitor=LiveMonitor(cfg.monitor.pathways, tokenizer, train_rows) if cfg.monitor.pathways else None,
+        alarm=CollapseAlarm(cfg.train.alarms, cfg.rollout.max_new_tokens),
     )
