@@ -56,26 +56,35 @@ class PartTimer:
 
 def instrument(run, timer: PartTimer):
     """Wrap what train_step calls; returns a function that undoes the module-level patches."""
+    import bridgerl.algos.dpo
+    import bridgerl.algos.group_dpo
+    import bridgerl.algos.grpo
+    import bridgerl.rollout.logprobs
     import bridgerl.train.loop as loop
-    import bridgerl.train.updates as updates
+
+    forwards = [bridgerl.algos.dpo, bridgerl.algos.group_dpo, bridgerl.algos.grpo, bridgerl.rollout.logprobs]
 
     run.generator.load_weights = timer.wrap("sync", run.generator.load_weights)
     run.generator.generate = timer.wrap("generation", run.generator.generate)
     run.rewarder = timer.wrap("reward", run.rewarder)
-    saved = (updates.token_logprobs, loop.optimizer_step, torch.Tensor.backward)
-    updates.token_logprobs = timer.wrap(lambda model, *a, **k: "ref logps" if model is run.reference else "policy fwd",
-                                        updates.token_logprobs)
+    saved = (forwards[0].token_logprobs, loop.optimizer_step, torch.Tensor.backward)
+    timed_forward = timer.wrap(lambda model, *a, **k: "ref logps" if model is run.reference else "policy fwd",
+                               saved[0])
+    for module in forwards:
+        module.token_logprobs = timed_forward
     loop.optimizer_step = timer.wrap("optimizer", loop.optimizer_step)
     torch.Tensor.backward = timer.wrap("backward", torch.Tensor.backward)
 
     def undo():
-        updates.token_logprobs, loop.optimizer_step, torch.Tensor.backward = saved
+        for module in forwards:
+            module.token_logprobs = saved[0]
+        loop.optimizer_step, torch.Tensor.backward = saved[1:]
     return undo
 
 
 def profile_work(w: peers.Work, skip: int, torch_profiler: bool) -> dict[str, list[float]]:
     from bridgerl.train.loop import train_step
-    from bridgerl.train.setup import build_run
+    from bridgerl.train.run import build_run
 
     run = build_run(peers.bridgerl_config(w, tempfile.mkdtemp(prefix="profile-")))
     timer = PartTimer(w.device)

@@ -14,10 +14,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from types import SimpleNamespace
+
+from bridgerl.algos.objective import BatchContext
+from bridgerl.algos.registry import build_objective
 from bridgerl.config import GRPOConfig, RolloutConfig
 from bridgerl.models import frozen_copy, load_causal_lm
 from bridgerl.rollout.hf import HFGenerator
-from bridgerl.train.updates import grpo_update
+from bridgerl.rollout.logprobs import ReferenceLogprobs
+from bridgerl.train.loop import update_policy
 
 ALGO = GRPOConfig(beta=0.01)  # with the KL term, so the reference path runs too
 MICRO_BATCH, STEPS, LR = 4, 3, 1e-3
@@ -27,13 +32,15 @@ def _optimizer(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
 
 
-def _step_fn(model, optimizer):
-    def step():
-        norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)}
-    return step
+def _update(policy, reference, optimizer, batch, rewards, step: int) -> dict:
+    """The loop's own accumulation (train/loop.update_policy) on fixed rollouts, with the parts of a Run it reads."""
+    objective = build_objective(ALGO)
+    ctx = BatchContext(binary=torch.zeros(rewards.shape[0], dtype=torch.bool), policy_version=step,
+                       reference=ReferenceLogprobs(reference, batch, MICRO_BATCH, False), micro_batch=MICRO_BATCH)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    run = SimpleNamespace(objective=objective, train_policy=policy, policy=policy, optimizer=optimizer,
+                          scheduler=scheduler, step=step, cfg=SimpleNamespace(optim=SimpleNamespace(grad_clip=1.0)))
+    return update_policy(run, objective.make_batch(batch, rewards, ctx))
 
 
 def _free_port() -> int:
@@ -48,7 +55,6 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, work: str, resu
                       LOCAL_RANK=str(rank))
     from bridgerl.distributed.checkpoint import latest_sharded, load_sharded, save_final_hf, save_sharded
     from bridgerl.distributed.fsdp import full_state_dict, init_distributed, shard_model, shutdown
-    from bridgerl.distributed.update import grpo_update_sharded
 
     init_distributed()
     batch, rewards = torch.load(os.path.join(work, "rollouts.pt"), weights_only=False)
@@ -63,8 +69,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, work: str, resu
         if step == 2 and not resume and rank == 1:
             # Killed mid-step: after the step-2 checkpoint, during step 3's forward.
             policy.register_forward_hook(lambda *_: os.kill(os.getpid(), signal.SIGKILL))
-        m = grpo_update_sharded(policy, reference, batch, rewards, ALGO, MICRO_BATCH, step,
-                                _step_fn(policy, optimizer))
+        m = _update(policy, reference, optimizer, batch, rewards, step)
         step += 1
         losses.append(m["loss"])
         if rank == 0:
@@ -104,8 +109,7 @@ def test_fsdp_two_ranks_equal_single_process_and_resume(tiny_model_dir, fixed_ro
     policy = load_causal_lm(tiny_model_dir)
     reference = frozen_copy(policy)
     optimizer = _optimizer(policy)
-    single = [grpo_update(policy, reference, batch, rewards, ALGO, MICRO_BATCH, step, _step_fn(policy, optimizer))
-              for step in range(STEPS)]
+    single = [_update(policy, reference, optimizer, batch, rewards, step) for step in range(STEPS)]
 
     port = _free_port()
     with pytest.raises(mp.ProcessExitedException):  # rank 1 was killed during step 3

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridgerl.algos.dpo import build_pairs, dpo_loss, group_dpo_loss
+from bridgerl.algos.dpo import build_pairs, dpo_loss
+from bridgerl.algos.group_dpo import group_dpo_loss
 from bridgerl.algos.grpo import group_advantages, grpo_loss, k3_kl
 
 rewards_strategy = st.lists(st.lists(st.floats(-5, 5, allow_nan=False), min_size=2, max_size=8), min_size=1, max_size=6)

@@ -50,16 +50,44 @@ def cmd_train(args) -> int:
         return 2
     if args.out:
         cfg.train.out_dir = args.out
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        from .distributed.launch import launch
+
+        # The config was checked above; the same command now runs on N ranks.
+        return launch(args.nproc, _train_argv(args))
     _quiet_transformers()
-    run = train(cfg, resume=args.resume)
-    print(f"[bridgerl] done: {run.step} steps; metrics in {run.out_dir / 'metrics.jsonl'}")
+    from .distributed.fsdp import init_distributed, is_main, shutdown
+    from .train.checkpoint import ResumeConfigError
+
+    init_distributed()
+    try:
+        run = train(cfg, resume=args.resume, force=args.force)
+    except ResumeConfigError as err:
+        print(f"bridgerl train: {err}", file=sys.stderr)
+        return 2
+    # Not in a `finally`: after a crash on one rank the others would wait at the barrier; torchrun ends them.
+    shutdown()  # barrier, then leave the process group (a no-op on one process)
+    run.generator.close()
+    if is_main():
+        print(f"[bridgerl] done: {run.step} steps; metrics in {run.out_dir / 'metrics.jsonl'}")
     return 0
+
+
+def _train_argv(args) -> list[str]:
+    """`bridgerl train ...` as given, without --nproc (each rank runs the plain command)."""
+    argv = ["train", args.config, *args.overrides]
+    for flag in ("resume", "force"):
+        if getattr(args, flag):
+            argv.append(f"--{flag}")
+    if args.out:
+        argv += ["--out", args.out]
+    return argv
 
 
 def cmd_eval(args) -> int:
     from .config import load_config
     from .train.evaluate import evaluate
-    from .train.setup import build_run
+    from .train.run import build_run
 
     _quiet_transformers()
     overrides = [f"model.path={args.model}", f"data.train={args.task}", f"data.num_eval={args.num}",
@@ -74,7 +102,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    from .train.sft import sft
+    from .supervised.sft import sft
 
     cfg = _load("sft", "SFTConfig", args)
     if cfg is None:
@@ -85,7 +113,7 @@ def cmd_sft(args) -> int:
 
 
 def cmd_rm(args) -> int:
-    from .train.sft import train_reward_model
+    from .supervised.rm import train_reward_model
 
     cfg = _load("rm", "RMConfig", args)
     if cfg is None:
@@ -98,7 +126,7 @@ def cmd_rm(args) -> int:
 
 def cmd_score(args) -> int:
     """Score training rows (RL prompts, or SFT samples with --sft) and write a scores file."""
-    from .data import efficacy_config as eff
+    from .data import delt as eff
 
     cfg = _load("score", "SFTConfig" if args.sft else "Config", args)
     if cfg is None:
@@ -106,12 +134,12 @@ def cmd_score(args) -> int:
     _quiet_transformers()
     if args.sft:
         from .models import load_causal_lm, load_tokenizer
-        from .train.sft import sft_rows
+        from .supervised.sft import sft_rows
 
         model, tokenizer = load_causal_lm(cfg.model.path), load_tokenizer(cfg.model.path)
         rows, source, seed = sft_rows(cfg), cfg.data.train, cfg.seed
     else:
-        from .train.setup import build_run
+        from .train.run import build_run
 
         run = build_run(cfg)
         model, tokenizer, rows, source, seed = run.policy, run.tokenizer, run.train_rows, cfg.data.train, cfg.train.seed
@@ -131,7 +159,7 @@ def cmd_score(args) -> int:
         if args.sft:
             print("bridgerl score: pass_rate scores RL prompts; use --scorer loss or lqs with --sft", file=sys.stderr)
             return 2
-        scores = eff.pass_rate(run, rows)
+        scores = eff.pass_rate(run.generator, run.rewarder, tokenizer, rows, cfg.rollout, seed, run.device)
     path = eff.write_scores(args.out, scores, rows)
     print(f"[bridgerl] {len(scores)} {args.scorer} scores written to {path} (histogram: {path.with_suffix('.png')}); "
           f"use them with data.efficacy.scores_file={path}")
@@ -139,7 +167,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_monitor(args) -> int:
-    from .train.monitoring import monitor_run
+    from .report.pathways import monitor_run
 
     _quiet_transformers()
     try:
@@ -196,7 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file (see examples/)")
     p.add_argument("overrides", nargs="*", help="a.b.c=value overrides")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--force", action="store_true", help="with --resume: accept a config that changes the run")
     p.add_argument("--out", help="run folder (overrides train.out_dir)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="trainer ranks: N > 1 runs the same command under torchrun (FSDP2; gloo on CPU, NCCL on GPU)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a model on a held-out split")

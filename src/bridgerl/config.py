@@ -43,6 +43,14 @@ class SamplingConfig(Strict):
     max_new_tokens: int = Field(64, gt=0)
 
 
+class DynamicSamplingConfig(Strict):
+    """Groups whose rewards have no spread carry no GRPO gradient; sample more prompts instead."""
+    max_rounds: int = Field(0, ge=0, description="extra sampling rounds per step to fill prompts_per_step "
+                                                 "informative groups; 0 = off")
+    tol: float = Field(0.0, ge=0, description="a group is informative when max − min reward exceeds this "
+                                              "(0 for 0/1 rewards; a small value for continuous ones)")
+
+
 class RolloutConfig(SamplingConfig):
     sync_every: int = Field(1, ge=0, description="1 online, k semi-online, 0 never (offline)")
     n: int = Field(8, ge=2, description="samples per prompt")
@@ -50,10 +58,16 @@ class RolloutConfig(SamplingConfig):
     batch_size: int = Field(256, gt=0, description="sequences per generation call")
     fast_decode: bool = Field(True, description="Llama/Qwen2: decode with plain torch ops (rollout/decode.py); "
                                                 "false: always the model's own forward")
+    workers: int = Field(0, ge=0, description="Ray generator actors (rollout/workers.py); 0 samples in-process "
+                                              "and never starts Ray")
+    dynamic_sampling: DynamicSamplingConfig = Field(
+        DynamicSamplingConfig(), description="DAPO's dynamic sampling: refill the batch with informative groups")
+    max_staleness: int | None = Field(None, ge=0, description="drop samples more than k weight versions older than "
+                                                              "the policy (counted); null = unbounded")
 
 
 class OPTuneConfig(Strict):
-    kind: Literal["optune"] = "optune"
+    """OPTune (algorithms.md §2): regenerate the lowest-key prompts, train wDPO on the pool's pairs."""
     rho: float = Field(0.5, ge=0, le=1, description="fraction of prompts regenerated per round")
     key: Literal["chosen_reward", "reward_gap", "random"] = Field(
         "chosen_reward", description="regenerate the lowest-key prompts; random is the same-count baseline")
@@ -67,12 +81,24 @@ class DPOConfig(Strict):
     beta: float = Field(0.1, gt=0)
     pairs: Literal["auto", "random", "best_worst"] = Field(
         "auto", description="auto: random correct-vs-incorrect for binary tasks, best-vs-worst otherwise")
-    group: bool = Field(False, description="GroupDPO: average over all better-vs-worse pairs")
     nll_coef: float = Field(0.0, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
     length_normalize: bool = False
     reduction: Literal["mean", "sum"] = "mean"
-    exploration: OPTuneConfig | None = None
+    optune: OPTuneConfig | None = Field(None, description="OPTune: selective regeneration + wDPO")
+
+
+class GroupDPOConfig(Strict):
+    """GroupDPO: the DPO loss averaged over every better-vs-worse pair of a group."""
+    name: Literal["group_dpo"] = "group_dpo"
+    beta: float = Field(0.1, gt=0)
+    length_normalize: bool = False
+
+
+class GRPOVIConfig(Strict):
+    """GRPOVI (algorithms.md §3): raise each group's reward variance before the advantages."""
+    probs: Literal["reference", "uniform"] = Field("reference", description="p: softmax of the reference's "
+                                                   "sequence log-probs, or uniform")
 
 
 class GRPOConfig(Strict):
@@ -84,11 +110,43 @@ class GRPOConfig(Strict):
     importance: Literal["clip", "truncate"] = "clip"
     clip_eps: float = Field(0.2, gt=0)
     truncate_max: float = Field(2.0, gt=1)
-    reward_shaping: Literal["none", "variance_increase"] = "none"
-    shaping_probs: Literal["reference", "uniform"] = "reference"
+    grpovi: GRPOVIConfig | None = None
+    loss: Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo"] = Field(
+        "grpo", description="policy loss variant (algos/policy_loss.py); grpo honours importance and aggregation, "
+                            "the others fix their own")
+    clip_eps_high: float | None = Field(None, gt=0, description="upper clip ε (clip-higher); null = clip_eps, "
+                                                                "except loss=dapo: 0.28 (the DAPO paper)")
+    gspo_clip_eps: float = Field(3e-4, gt=0, description="GSPO's lower clip on the sequence ratio (paper: 3e-4)")
+    gspo_clip_eps_high: float = Field(4e-4, gt=0, description="GSPO's upper clip (paper: 4e-4)")
+    rollout_correction: Literal["none", "token_tis", "seq_mask"] = Field(
+        "none", description="train/infer mismatch: token_tis weights tokens by min(π_train/π_gen, C); seq_mask "
+                            "drops sequences whose geometric-mean ratio leaves [1/C, C] (algos/correction.py)")
+    correction_threshold: float = Field(2.0, gt=1, description="C of rollout_correction")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dapo_clip_higher(cls, data):
+        # DAPO without clip-higher is not DAPO; the paper's ε_high fills in when none is given.
+        if isinstance(data, dict) and data.get("loss") == "dapo" and data.get("clip_eps_high") is None:
+            data = {**data, "clip_eps_high": 0.28}
+        return data
+
+    @model_validator(mode="after")
+    def _variant_knobs(self):
+        if self.loss != "grpo" and self.importance != "clip":
+            raise ValueError(f"algo.importance={self.importance} applies to algo.loss=grpo only; loss={self.loss} fixes "
+                             "its own ratio treatment (cispo is the truncated one, capped at truncate_max)")
+        if self.loss != "grpo" and self.aggregation != "sum":
+            raise ValueError(f"algo.aggregation={self.aggregation} applies to algo.loss=grpo only; loss={self.loss} "
+                             "fixes its own (dapo/cispo: token mean, dr_grpo: max_new_tokens × sequences, gspo: "
+                             "sequence mean); drop algo.aggregation")
+        if self.loss in ("gspo", "cispo") and self.clip_eps_high is not None:
+            raise ValueError(f"algo.clip_eps_high is not read by loss={self.loss}: gspo clips with gspo_clip_eps and "
+                             "gspo_clip_eps_high, cispo caps its weight at truncate_max")
+        return self
 
 
-AlgoConfig = Annotated[Union[DPOConfig, GRPOConfig], Field(discriminator="name")]
+AlgoConfig = Annotated[Union[DPOConfig, GroupDPOConfig, GRPOConfig], Field(discriminator="name")]
 
 
 class TaskRewardConfig(Strict):
@@ -123,6 +181,8 @@ class RewardsConfig(Strict):
     tasks: dict[str, TaskRewardConfig] = Field(default_factory=lambda: {"arithmetic": TaskRewardConfig(kind="math")})
     failure_score: float = 0.0
     timeout_s: float = Field(10.0, gt=0)
+    workers: int = Field(0, ge=0, description="Ray reward actors (rewards/workers.py) for reward models and slow "
+                                              "verifiers; 0 scores in-process")
 
 
 class EfficacyConfig(Strict):
@@ -217,8 +277,19 @@ class Config(Strict):
         if self.reference.sync == "with_generator" and self.rollout.sync_every == 0:
             raise ValueError("reference.sync=with_generator never fires when rollout.sync_every=0 (offline); "
                              "use reference.sync=never or a sync_every >= 1")
-        if isinstance(self.algo, DPOConfig) and self.algo.exploration is not None and self.algo.group:
-            raise ValueError("algo.exploration (OPTune) keeps one pair per prompt; it cannot be combined with algo.group=true")
+        if isinstance(self.algo, DPOConfig) and self.algo.optune is not None and (
+                self.rollout.dynamic_sampling.max_rounds or self.rollout.max_staleness is not None):
+            raise ValueError("algo.optune trains on its stored pool of pairs, which rollout.dynamic_sampling and "
+                             "rollout.max_staleness do not select from; drop them or algo.optune")
+        k = self.rollout.max_staleness
+        if k is not None and self.rollout.sync_every == 0:
+            raise ValueError(f"rollout.max_staleness={k} with rollout.sync_every=0 (offline): every sample comes "
+                             f"from the seed weights, so all would be dropped after step {k}; use sync_every >= 1 "
+                             "or max_staleness=null")
+        if k is not None and self.rollout.sync_every > k + 1:
+            raise ValueError(f"rollout.max_staleness={k} with rollout.sync_every={self.rollout.sync_every}: the last "
+                             f"{self.rollout.sync_every - 1 - k} steps of every sync window would train on nothing; "
+                             f"use sync_every <= {k + 1} or a larger max_staleness")
         if self.train.mixed_precision != "no" and self.model.dtype != "float32":
             raise ValueError(f"train.mixed_precision={self.train.mixed_precision} keeps fp32 master weights, so it needs "
                              f"model.dtype=float32 (got {self.model.dtype}); for pure {self.model.dtype} training "
@@ -255,13 +326,13 @@ def _explain(err: ValidationError, raw: dict, root: type[BaseModel] | None = Non
     root = root or Config
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("dpo", "grpo") and e["loc"][0] == "algo"))
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("dpo", "group_dpo", "grpo") and e["loc"][0] == "algo"))
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             parent = loc[:-1]
             if parent and parent[0] == "algo":
                 name = (raw.get("algo") or {}).get("name", "dpo")
-                cls_algo = GRPOConfig if name == "grpo" else DPOConfig
+                cls_algo = {"grpo": GRPOConfig, "group_dpo": GroupDPOConfig}.get(name, DPOConfig)
                 cls, allowed = _fields_at(cls_algo, parent[1:])
             else:
                 cls, allowed = _fields_at(root, parent)

@@ -73,9 +73,13 @@ def load_sharded(path: str | Path, model, optimizer) -> dict:
     box = {"model": model_state, "optim": optim_state}
     dcp.load(box, checkpoint_id=str(path / "dcp"))
     set_state_dict(model, optimizer, model_state_dict=box["model"], optim_state_dict=box["optim"])
-    torch.set_rng_state(torch.load(path / f"rank-{rank}.pt", weights_only=False)["torch"])
-    # Our own file, holding RNG states and rollout records as well as tensors.
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    # Our own files, holding RNG states and rollout records as well as tensors.
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    if isinstance(state.get("rng"), dict):  # each rank continues its own torch RNG stream
+        state["rng"]["torch"] = torch.load(path / f"rank-{rank}.pt", weights_only=False)["torch"]
+    else:
+        torch.set_rng_state(torch.load(path / f"rank-{rank}.pt", weights_only=False)["torch"])
+    return state
 
 
 def save_final_hf(model, tokenizer, out_dir: str | Path) -> None:

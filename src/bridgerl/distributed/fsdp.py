@@ -80,8 +80,9 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def full_state_dict(model: torch.nn.Module, on_tensor: Callable[[str, torch.Tensor], None] | None = None,
-                    dst: int = 0) -> dict[str, torch.Tensor] | None:
-    """The full (unsharded) parameters and buffers, on CPU, at rank `dst` (None elsewhere).
+                    dst: int | None = 0) -> dict[str, torch.Tensor] | None:
+    """The full (unsharded) parameters and buffers, on CPU, at rank `dst` (None elsewhere; dst=None:
+    on every rank, e.g. for a replicated reference model).
 
     Every rank must call this and walk the tensors in the same order: `full_tensor()` is an all-gather,
     and a rank that skips or reorders one hangs its peers. `on_tensor(name, tensor)` streams each
@@ -89,15 +90,77 @@ def full_state_dict(model: torch.nn.Module, on_tensor: Callable[[str, torch.Tens
     from torch.distributed.tensor import DTensor
 
     rank = dist.get_rank() if is_distributed() else 0
+    keep = dst is None or rank == dst
     out: dict[str, torch.Tensor] = {}
     for name, value in model.state_dict().items():
         full = value.full_tensor() if isinstance(value, DTensor) else value
-        if rank == dst:
+        if keep:
             if on_tensor is not None:
                 on_tensor(name, full)
             else:
                 out[name] = full.detach().to("cpu", copy=True)
-    return out if rank == dst else None
+    return out if keep else None
+
+
+class FullState:
+    """A gathered state dict where a module is expected (`copy_weights_` reads `.state_dict()`)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+class FollowerGenerator:
+    """The generator as ranks > 0 see it: rank 0 samples and broadcasts, the others only track the
+    weights version so that staleness, the rollout cache and the reference agree on every rank."""
+
+    def __init__(self):
+        self.version = 0
+
+    def load_weights(self, policy, version: int) -> None:
+        self.version = version
+
+    def generate(self, *args, **kwargs):
+        raise RuntimeError("only rank 0 samples; other ranks receive the batch (distributed/fsdp.broadcast_object)")
+
+    def score_tokens(self, sequences):
+        raise RuntimeError("only rank 0 holds the generator")
+
+    def state_dict(self) -> dict:
+        return {"version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.version = state["version"]
+
+    def close(self) -> None:
+        pass
+
+
+def push_weights(generator, policy: torch.nn.Module, version: int, reference: torch.nn.Module | None = None) -> None:
+    """Weight sync on any number of ranks: every rank joins the gather, rank 0's generator loads the
+    full state; `reference` (replicated on every rank) takes it too when given."""
+    if not is_distributed():
+        generator.load_weights(policy, version)
+        if reference is not None:
+            reference.load_state_dict(policy.state_dict())
+        return
+    full = full_state_dict(policy, dst=None if reference is not None else 0)
+    generator.load_weights(FullState(full) if full is not None else policy, version)
+    if reference is not None:
+        reference.load_state_dict(full)
+
+
+def is_main() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def zero_pass(objective, policy: torch.nn.Module, micro) -> None:
+    """A micro-batch's forward and backward with its loss times zero: adds nothing to any gradient but
+    runs FSDP's all-gathers and reduce-scatters, for a rank with fewer micro-batches than its peers."""
+    loss, _ = objective.loss(policy, micro)
+    (loss * 0.0).backward()
 
 
 def rank_share(items: list[T], rank: int, world: int) -> list[T | None]:
