@@ -54,8 +54,19 @@ class ActorGroup:
         self.max_retries = max_retries
         self.timeout_s = timeout_s
         self.restarts = 0
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.actors = [self.remote_cls.remote(*init_args) for _ in range(count)]
-        ray.get([a.__ray_ready__.remote() for a in self.actors])
+        self._wait_ready(self.actors)
+
+    def _wait_ready(self, actors: list, timeout_s: float = 300) -> None:
+        """Actors that cannot be placed wait forever in Ray; say why instead."""
+        try:
+            ray.get([a.__ray_ready__.remote() for a in actors], timeout=timeout_s)
+        except GetTimeoutError:
+            raise RuntimeError(
+                f"{len(actors)} worker(s) needing {self.num_cpus} CPU and {self.num_gpus} GPU each did not start within "
+                f"{timeout_s:.0f} s; the Ray cluster has {ray.cluster_resources()}. Lower rollout.workers / "
+                "rewards.workers or give Ray more resources (ray start --num-cpus/--num-gpus).") from None
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -66,7 +77,7 @@ class ActorGroup:
         except Exception:  # noqa: BLE001 — it is already gone; killing is only a guarantee
             pass
         actor = self.remote_cls.remote(*self.init_args)
-        ray.get(actor.__ray_ready__.remote())
+        self._wait_ready([actor])
         if self.restore is not None:
             ray.get(self.restore(actor))
         self.actors[i] = actor

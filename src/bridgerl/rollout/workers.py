@@ -27,6 +27,8 @@ class GeneratorWorker:
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int, fast_decode: bool, threads: int = 1):
         torch.set_num_threads(threads)  # K workers on a shared machine: one core each, not K × all
         model.requires_grad_(False).eval()
+        if torch.cuda.is_available():  # Ray gave this actor its own GPU (CUDA_VISIBLE_DEVICES)
+            model.to("cuda")
         self.engine = HFGenerator(model, tokenizer, batch_size=batch_size, share_weights=True,
                                   fast_decode=fast_decode, per_prompt_seeds=True)
 
@@ -34,15 +36,15 @@ class GeneratorWorker:
         own = self.engine.model.state_dict()
         with torch.no_grad():
             for name, value in state.items():
-                own[name].copy_(value)
+                own[name].copy_(value)  # to the engine's device and dtype
         self.engine.version = version
         return version
 
     def generate(self, prompts: list[list[int]], n: int, sampling: dict, seeds: list[int] | None) -> Rollouts:
-        return self.engine.generate(prompts, n, _Sampling(**sampling), None, seeds=seeds)
+        return self.engine.generate(prompts, n, _Sampling(**sampling), None, seeds=seeds).to("cpu")
 
     def score_tokens(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        return self.engine.score_tokens(sequences)
+        return [t.cpu() for t in self.engine.score_tokens(sequences)]
 
     def pid(self) -> int:
         import os
@@ -67,7 +69,7 @@ class RayGeneratorPool:
 
     def __init__(self, model: torch.nn.Module, tokenizer, workers: int, batch_size: int = 256,
                  fast_decode: bool = True, device: torch.device | str = "cpu", num_cpus: int | None = None,
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, gpus_per_worker: float | None = None):
         import ray
 
         from ..distributed.actors import ActorGroup, ensure_ray
@@ -84,8 +86,10 @@ class RayGeneratorPool:
         # The seed model travels once; a replacement actor starts from it and is then sent the last push.
         self._model_ref = ray.put(seed_model)
         self._weights_ref = None
+        if gpus_per_worker is None:  # a GPU each when the trainer sees GPUs (a Ray cluster places them)
+            gpus_per_worker = 1 if torch.cuda.is_available() else 0
         self.group = ActorGroup(GeneratorWorker, workers, (self._model_ref, tokenizer, batch_size, fast_decode),
-                                restore=self._restore, timeout_s=timeout_s)
+                                restore=self._restore, timeout_s=timeout_s, num_gpus=gpus_per_worker)
         self.startup = {"ray_init_s": init_s, "actors_s": time.perf_counter() - start}
         self.last_push_s = 0.0
 

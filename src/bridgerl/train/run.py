@@ -130,6 +130,12 @@ def build_run(cfg: Config) -> Run:
     rank, world = rank_and_world()
     if world > 1:
         _refuse_on_ranks(cfg)
+    if (cfg.rollout.workers or cfg.rewards.workers) and rank == 0:
+        import os
+
+        from ..distributed.actors import ensure_ray
+        # A local Ray gets a CPU slot per actor even on a smaller machine: each actor runs one thread.
+        ensure_ray(num_cpus=max(os.cpu_count() or 1, cfg.rollout.workers + cfg.rewards.workers))
     rewarder = build_rewarder(cfg.rewards, cfg.data.default_task, device)
     if cfg.rewards.workers and rank == 0:
         from functools import partial
