@@ -100,13 +100,22 @@ def _update_setup(model_path: str, rollouts_path: str):
     return policy, frozen_copy(policy), batch, rewards, GRPOConfig(beta=0.01)
 
 
-def _step_fn(model, optimizer):
-    def step():
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {}
-    return step
+def _update(policy, reference, optimizer, batch, rewards, algo, micro: int) -> dict:
+    """One step of the loop's own accumulation (train/loop.update_policy) on fixed rollouts."""
+    from types import SimpleNamespace
+
+    from bridgerl.algos.objective import BatchContext
+    from bridgerl.algos.registry import build_objective
+    from bridgerl.rollout.logprobs import ReferenceLogprobs
+    from bridgerl.train.loop import update_policy
+
+    objective = build_objective(algo)
+    ctx = BatchContext(binary=torch.zeros(rewards.shape[0], dtype=torch.bool), policy_version=0, micro_batch=micro,
+                       reference=ReferenceLogprobs(reference, batch, micro, False))
+    run = SimpleNamespace(objective=objective, train_policy=policy, policy=policy, optimizer=optimizer, step=0,
+                          scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                          cfg=SimpleNamespace(optim=SimpleNamespace(grad_clip=1.0)))
+    return update_policy(run, objective.make_batch(batch, rewards, ctx))
 
 
 def _rank_main(rank: int, world: int, port: int, model_path: str, rollouts_path: str, micro: int, repeats: int,
@@ -115,7 +124,6 @@ def _rank_main(rank: int, world: int, port: int, model_path: str, rollouts_path:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     from bridgerl.distributed.fsdp import init_distributed, shard_model, shutdown
-    from bridgerl.distributed.update import grpo_update_sharded
 
     start = time.perf_counter()
     init_distributed()
@@ -123,8 +131,7 @@ def _rank_main(rank: int, world: int, port: int, model_path: str, rollouts_path:
     shard_model(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     setup_s = time.perf_counter() - start
-    sec, _ = _timed(lambda: grpo_update_sharded(policy, reference, batch, rewards, algo, micro, 0,
-                                                _step_fn(policy, optimizer)), repeats)
+    sec, _ = _timed(lambda: _update(policy, reference, optimizer, batch, rewards, algo, micro), repeats)
     if rank == 0:
         Path(result).write_text(json.dumps({"s_per_update": sec, "setup_s": setup_s}))
     shutdown()
@@ -136,7 +143,6 @@ def bench_trainer(model_path: str, nprocs: list[int], args) -> dict:
     from bridgerl.config import RolloutConfig
     from bridgerl.models import load_causal_lm, load_tokenizer
     from bridgerl.rollout.hf import HFGenerator
-    from bridgerl.train.updates import grpo_update
 
     tok = load_tokenizer(model_path)
     policy = load_causal_lm(model_path)
@@ -151,8 +157,7 @@ def bench_trainer(model_path: str, nprocs: list[int], args) -> dict:
         if n == 1:
             policy, reference, b, r, algo = _update_setup(model_path, str(work / "rollouts.pt"))
             optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-            sec, _ = _timed(lambda: grpo_update(policy, reference, b, r, algo, args.micro_batch, 0,
-                                                _step_fn(policy, optimizer)), args.repeats)
+            sec, _ = _timed(lambda: _update(policy, reference, optimizer, b, r, algo, args.micro_batch), args.repeats)
             out["nproc_1"] = {"s_per_update": sec}
             continue
         result = work / f"nproc-{n}.json"
