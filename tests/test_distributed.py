@@ -9,12 +9,11 @@ import json
 import os
 import signal
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from types import SimpleNamespace
 
 from bridgerl.algos.objective import BatchContext
 from bridgerl.algos.registry import build_objective
