@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import grpo  # module import: grpo.py's objective imports this module
+from .policy_loss import k3_kl
 
 MODES = ("none", "token_tis", "seq_mask")
 
@@ -42,7 +42,7 @@ def mismatch_metrics(train_logps: torch.Tensor,  # [S, T] trainer log-probs of t
     delta = _masked(gen - train, mask)
     if delta.numel() == 0:
         return {"mismatch/kl": 0.0, "mismatch/k1": 0.0, "mismatch/max": 0.0}
-    k3 = _masked(grpo.k3_kl(gen, train), mask)  # k3_kl(logps=gen, ref=train) = e^{train−gen} − (train−gen) − 1
+    k3 = _masked(k3_kl(gen, train), mask)  # k3_kl(logps=gen, ref=train) = e^{train−gen} − (train−gen) − 1
     return {"mismatch/kl": k3.mean().item(), "mismatch/k1": delta.mean().item(),
             "mismatch/max": delta.abs().max().item()}
 

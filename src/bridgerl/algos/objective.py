@@ -65,5 +65,7 @@ def spread_rows(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def mean_metrics(items: list[dict]) -> dict[str, float]:
+    """Micro-batch metrics → one value per key: the max for `*/max` keys, the mean otherwise."""
     keys = {k for m in items for k in m}
-    return {k: sum(m[k] for m in items if k in m) / sum(1 for m in items if k in m) for k in keys}
+    return {k: max(m[k] for m in items if k in m) if k.endswith("/max")
+            else sum(m[k] for m in items if k in m) / sum(1 for m in items if k in m) for k in keys}

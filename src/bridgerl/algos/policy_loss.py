@@ -1,6 +1,7 @@
-"""GRPO-family policy losses, chosen by `algo.loss`: grpo | dr_grpo | dapo | gspo | cispo.
+"""GRPO-family policy losses, chosen by `algo.loss`: grpo | dr_grpo | dapo | gspo | cispo, and GRPO's
+own pure math (algorithms.md §1.4: group advantages, the surrogate with k3 KL).
 
-Each variant differs from GRPO (algos/grpo.py) in at most three places — the advantage (std
+Each variant differs from GRPO in at most three places — the advantage (std
 normalisation or not), the per-token or per-sequence objective, and the denominator it is
 aggregated by — so each is one function here over the shared `grpo_loss` and
 `group_advantages`. Pure tensor math: log-probs, advantages and masks in, `(loss, metrics)` out.
@@ -28,11 +29,90 @@ from typing import Callable
 
 import torch
 
-# A module import, not `from .grpo import ...`: grpo.py's objective imports this module, so the names
-# are looked up at call time and either module may be imported first.
-from . import grpo
 
 LOSSES = ("grpo", "dr_grpo", "dapo", "gspo", "cispo")
+
+
+def group_advantages(rewards: torch.Tensor, normalize_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """rewards [G, n] → advantages [G, n]: (r − mean) / (unbiased std + eps). All-equal groups give 0."""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if not normalize_std:
+        return centred
+    return centred / (rewards.std(dim=1, keepdim=True, unbiased=True) + eps)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator e^{ℓ_ref−ℓ} − (ℓ_ref − ℓ) − 1 ≥ 0, zero iff equal."""
+    diff = ref_logps - logps
+    return torch.exp(diff) - diff - 1.0
+
+
+def grpo_loss(
+    logps: torch.Tensor,  # [S, T] policy log-probs of the sampled tokens (with grad)
+    old_logps: torch.Tensor,  # [S, T] log-probs of the policy that sampled them (generator)
+    advantages: torch.Tensor,  # [S]
+    mask: torch.Tensor,  # [S, T] 1 on completion tokens
+    ref_logps: torch.Tensor | None = None,  # [S, T]; None skips the KL term
+    beta: float = 0.0,
+    importance: str = "clip",
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    truncate_max: float = 2.0,
+    aggregation: str = "sum",
+    n: int = 1,
+    normalizer: float | None = None,
+    token_weights: torch.Tensor | None = None,  # [S, T] detached per-token weights (rollout correction)
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO surrogate over S sequences, to be minimised.
+
+    The ratio π_θ/π_old corrects stale samples: "clip" is PPO's min(ρA, clip(ρ)A); "truncate"
+    weights the plain policy gradient by min(ρ, C) (detached). On-policy (old = θ) both reduce to
+    the paper's A·∇log π. Aggregation "sum": tokens summed, mean over a group's n rollouts, summed
+    over prompts (§1.4: divide by n); "token_mean": over all tokens; "seq_mean": token-mean per sequence, then
+    mean. `normalizer` overrides the denominator so micro-batches add up to the full batch's loss.
+    `clip_eps_high` (DAPO's clip-higher) widens the upper side of the clip range; None keeps it
+    symmetric. `token_weights` multiply the policy term per token (train/infer mismatch correction,
+    algos/correction.py); the KL term is not reweighted, as TRL does.
+    """
+    mask = mask.to(logps.dtype)
+    log_ratio = logps - old_logps
+    ratio = torch.exp(log_ratio)
+    adv = advantages[:, None].to(logps.dtype)
+    if importance == "clip":
+        high = clip_eps if clip_eps_high is None else clip_eps_high
+        per_token = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + high) * adv)
+        outside = (ratio - 1).abs() > clip_eps if clip_eps_high is None else (ratio < 1 - clip_eps) | (ratio > 1 + high)
+        clipped = outside & (mask > 0)
+    else:
+        per_token = ratio.detach().clamp(max=truncate_max) * adv * logps
+        clipped = (ratio > truncate_max) & (mask > 0)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
+    kl = k3_kl(logps, ref_logps) if ref_logps is not None else None
+    if kl is not None and beta:
+        per_token = per_token - beta * kl
+    if aggregation == "sum":
+        total = (per_token * mask).sum()
+        denom = float(n)
+    elif aggregation == "token_mean":
+        total = (per_token * mask).sum()
+        denom = mask.sum().clamp(min=1).item()
+    elif aggregation == "seq_mean":
+        total = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()
+        denom = float(mask.shape[0])
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}; use sum, token_mean or seq_mean")
+    loss = -total / (normalizer if normalizer is not None else denom)
+    with torch.no_grad():
+        tokens = mask.sum().clamp(min=1)
+        metrics = {
+            "ratio/mean": ((ratio * mask).sum() / tokens).item(),
+            "ratio/max": ratio.masked_fill(mask == 0, 0).max().item() if mask.numel() else 1.0,
+            "ratio/clipped_frac": (clipped.sum() / tokens).item(),
+        }
+        if kl is not None:
+            metrics["kl"] = ((kl * mask).sum() / tokens).item()
+    return loss, metrics
 
 
 @dataclass(frozen=True)
@@ -69,7 +149,7 @@ def advantages(rewards: torch.Tensor, s: LossSettings) -> torch.Tensor:
     """rewards [G, n] → advantages [G, n]. Dr.GRPO drops the std division (its question-level
     difficulty bias); every other variant follows `normalize_std`."""
     _check(s.loss)
-    return grpo.group_advantages(rewards, normalize_std=s.normalize_std and s.loss != "dr_grpo")
+    return group_advantages(rewards, normalize_std=s.normalize_std and s.loss != "dr_grpo")
 
 
 def denominator(mask: torch.Tensor, s: LossSettings, sequences: int | None = None) -> float:
@@ -91,14 +171,14 @@ def denominator(mask: torch.Tensor, s: LossSettings, sequences: int | None = Non
 
 def grpo_variant(logps, old_logps, adv, mask, s: LossSettings, ref_logps=None, normalizer=None, token_weights=None):
     """Today's GRPO: the configured importance and aggregation, unchanged."""
-    return grpo.grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance=s.importance,
+    return grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance=s.importance,
                      clip_eps=s.clip_eps, clip_eps_high=s.clip_eps_high, truncate_max=s.truncate_max,
                      aggregation=s.aggregation, n=s.n, normalizer=normalizer, token_weights=token_weights)
 
 
 def dapo_loss(logps, old_logps, adv, mask, s: LossSettings, ref_logps=None, normalizer=None, token_weights=None):
     """DAPO: clip-higher PPO objective, token-level mean over the batch."""
-    return grpo.grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance="clip", clip_eps=s.clip_eps,
+    return grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance="clip", clip_eps=s.clip_eps,
                      clip_eps_high=s.clip_eps_high, aggregation="token_mean",
                      normalizer=normalizer if normalizer is not None else denominator(mask, s),
                      token_weights=token_weights)
@@ -107,7 +187,7 @@ def dapo_loss(logps, old_logps, adv, mask, s: LossSettings, ref_logps=None, norm
 def dr_grpo_loss(logps, old_logps, adv, mask, s: LossSettings, ref_logps=None, normalizer=None, token_weights=None):
     """Dr.GRPO: PPO clip, tokens summed and divided by the constant max_new_tokens × sequences
     (advantages without std come from `advantages`)."""
-    return grpo.grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance="clip", clip_eps=s.clip_eps,
+    return grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance="clip", clip_eps=s.clip_eps,
                      clip_eps_high=s.clip_eps_high, aggregation="sum",
                      normalizer=normalizer if normalizer is not None else denominator(mask, s),
                      token_weights=token_weights)
@@ -115,7 +195,7 @@ def dr_grpo_loss(logps, old_logps, adv, mask, s: LossSettings, ref_logps=None, n
 
 def cispo_loss(logps, old_logps, adv, mask, s: LossSettings, ref_logps=None, normalizer=None, token_weights=None):
     """CISPO: sg(min(r, C))·A·log π on every token (grpo_loss's "truncate" objective), token mean."""
-    return grpo.grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance="truncate",
+    return grpo_loss(logps, old_logps, adv, mask, ref_logps, beta=s.beta, importance="truncate",
                      truncate_max=s.truncate_max, aggregation="token_mean",
                      normalizer=normalizer if normalizer is not None else denominator(mask, s),
                      token_weights=token_weights)
@@ -139,7 +219,7 @@ def gspo_loss(logps, old_logps, adv, mask, s: LossSettings, ref_logps=None, norm
     per_seq = torch.minimum(ratio * a, ratio.clamp(1 - lo, 1 + hi) * a)
     if token_weights is not None:
         per_seq = per_seq * ((token_weights.detach().to(logps.dtype) * maskf).sum(dim=1) / lengths)
-    kl = grpo.k3_kl(logps, ref_logps) if ref_logps is not None else None
+    kl = k3_kl(logps, ref_logps) if ref_logps is not None else None
     if kl is not None and s.beta:
         per_seq = per_seq - s.beta * (kl * maskf).sum(dim=1) / lengths
     denom = normalizer if normalizer is not None else denominator(mask, s)
