@@ -1,5 +1,6 @@
 """FSDP2 on 2 gloo ranks (CPU, spawned processes, one torch thread each): 3 GRPO updates on fixed
-rollouts give the single-process losses and weights; a DCP checkpoint survives a rank killed
+rollouts, through the loop's own accumulation (train/loop.update_policy; 5 micro-batches, so rank 1
+runs a zero-weighted pass), give the single-process losses and weights; a DCP checkpoint survives a rank killed
 mid-step, and the resumed run continues identically.
 
 Tolerance: losses to 1e-5 relative, weights to 2e-5 absolute. The two runs do the same arithmetic
