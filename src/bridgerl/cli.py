@@ -54,16 +54,38 @@ def cmd_train(args) -> int:
     if args.out:
         cfg.train.out_dir = args.out
     check_paths(cfg)
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        from .distributed.launch import launch
+
+        # The config was checked above; the same command now runs on N ranks.
+        return launch(args.nproc, _train_argv(args))
     _quiet_transformers()
+    from .distributed.fsdp import init_distributed, is_main, shutdown
     from .train.checkpoint import ResumeConfigError
 
+    init_distributed()
     try:
         run = train(cfg, resume=args.resume, force=args.force)
     except ResumeConfigError as err:
         print(f"bridgerl train: {err}", file=sys.stderr)
         return 2
-    print(f"[bridgerl] done: {run.step} steps; metrics in {run.out_dir / 'metrics.jsonl'}")
+    # Not in a `finally`: after a crash on one rank the others would wait at the barrier; torchrun ends them.
+    shutdown()  # barrier, then leave the process group (a no-op on one process)
+    run.generator.close()
+    if is_main():
+        print(f"[bridgerl] done: {run.step} steps; metrics in {run.out_dir / 'metrics.jsonl'}")
     return 0
+
+
+def _train_argv(args) -> list[str]:
+    """`bridgerl train ...` as given, without --nproc (each rank runs the plain command)."""
+    argv = ["train", args.config, *args.overrides]
+    for flag in ("resume", "force"):
+        if getattr(args, flag):
+            argv.append(f"--{flag}")
+    if args.out:
+        argv += ["--out", args.out]
+    return argv
 
 
 def cmd_eval(args) -> int:
@@ -208,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--force", action="store_true", help="with --resume: accept a config that changes the run")
     p.add_argument("--out", help="run folder (overrides train.out_dir)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="trainer ranks: N > 1 runs the same command under torchrun (FSDP2; gloo on CPU, NCCL on GPU)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a model on a held-out split")

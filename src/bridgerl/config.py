@@ -60,6 +60,8 @@ class RolloutConfig(SamplingConfig):
     batch_size: int = Field(256, gt=0, description="sequences per generation call")
     fast_decode: bool = Field(True, description="Llama/Qwen2: decode with plain torch ops (rollout/decode.py); "
                                                 "false: always the model's own forward")
+    workers: int = Field(0, ge=0, description="Ray generator actors (rollout/workers.py); 0 samples in-process "
+                                              "and never starts Ray")
     dynamic_sampling: DynamicSamplingConfig = Field(
         DynamicSamplingConfig(), description="DAPO's dynamic sampling: refill the batch with informative groups")
     max_staleness: int | None = Field(None, ge=0, description="drop samples more than k weight versions older than "
@@ -184,6 +186,8 @@ class RewardsConfig(Strict):
                                                     "a call past it is killed and scores failure_score")
     processes: int = Field(2, ge=0, description="worker processes for math, reasoning_gym and python rewards; "
                                                 "0 runs them in the trainer process (a hang cannot be killed)")
+    workers: int = Field(0, ge=0, description="Ray reward actors (rewards/workers.py) for reward models and slow "
+                                              "verifiers; 0 scores in-process")
 
 
 class EfficacyConfig(Strict):

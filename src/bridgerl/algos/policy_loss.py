@@ -35,7 +35,9 @@ LOSSES = ("grpo", "dr_grpo", "dapo", "gspo", "cispo")
 
 def group_advantages(rewards: torch.Tensor, normalize_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """rewards [G, n] → advantages [G, n]: (r − mean) / (unbiased std + eps). All-equal groups give 0."""
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    spread = rewards.max(dim=1, keepdim=True).values > rewards.min(dim=1, keepdim=True).values
+    # mean() of equal values can round off them; an all-equal group's advantages are exactly 0
+    centred = torch.where(spread, rewards - rewards.mean(dim=1, keepdim=True), torch.zeros_like(rewards))
     if not normalize_std:
         return centred
     return centred / (rewards.std(dim=1, keepdim=True, unbiased=True) + eps)

@@ -13,8 +13,9 @@ from .types import Rollouts, concat_rollouts
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
-                  rng: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] float → token ids [B]. temperature 0 is greedy."""
+                  rng: torch.Generator | None, uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] float → token ids [B]. temperature 0 is greedy. `uniform` [B] in [0, 1): the
+    draws to use instead of drawing from `rng` (per-prompt seeded sampling)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -32,18 +33,44 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, top_k:
     # entry, which on CPU costs more than the decode step of a small model. A zero-probability token
     # is a flat step of the CDF, so it can never be picked.
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)
-    u = torch.rand((cdf.shape[0], 1), generator=rng, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    if uniform is None:
+        uniform = torch.rand((cdf.shape[0],), generator=rng, device=cdf.device, dtype=cdf.dtype)
+    u = uniform.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(1)
+
+
+def prompt_seeds(rng: torch.Generator | None, count: int) -> list[int]:
+    """One seed per prompt from one draw of the step's generator. A prompt's samples then depend only
+    on (its seed, the weights), not on which batch, chunk or worker it lands in, so a worker pool
+    reproduces the in-process engine exactly (splitmix64 spreads consecutive indices apart)."""
+    base = int(torch.randint(0, 2**62, (1,), generator=rng, device=rng.device if rng is not None else "cpu").item())
+    mask = (1 << 64) - 1
+    seeds = []
+    for i in range(count):
+        z = (base + (i + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        seeds.append((z ^ (z >> 31)) >> 1)  # torch seeds are < 2**63
+    return seeds
+
+
+def prompt_uniforms(seeds: list[int], n: int, steps: int) -> torch.Tensor:
+    """[len(seeds) * n, steps] uniforms: row j of prompt i draws from prompt i's own CPU stream, so the
+    same seed gives the same draws on any device and in any batch."""
+    return torch.cat([torch.rand((n, steps), generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 class HFGenerator:
     """Samples from its own copy of the policy weights; `version` says which policy step they are."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 256, share_weights: bool = False,
-                 fast_decode: bool = True):
+                 fast_decode: bool = True, per_prompt_seeds: bool = False):
         # share_weights=True samples straight from the given module (used for evaluation).
         # fast_decode=False always decodes through the model's own forward (rollout/decode.py).
+        # per_prompt_seeds=True draws each prompt's samples from its own seed (prompt_seeds), the
+        # scheme a worker pool uses, so both give the same rollouts for the same rng and weights.
         self.fast_decode = fast_decode
+        self.per_prompt_seeds = per_prompt_seeds
         self.model = model if share_weights else frozen_copy(model)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -73,13 +100,19 @@ class HFGenerator:
         self.model.load_state_dict(state["weights"])
         self.version = state["version"]
 
-    def generate(self, prompts: list[list[int]], n: int, sampling, rng: torch.Generator | None = None) -> Rollouts:
+    def generate(self, prompts: list[list[int]], n: int, sampling, rng: torch.Generator | None = None,
+                 seeds: list[int] | None = None) -> Rollouts:
+        """`seeds`: one per prompt (prompt_seeds); given, or derived from `rng` with per_prompt_seeds."""
+        if seeds is None and self.per_prompt_seeds and sampling.temperature > 0:
+            seeds = prompt_seeds(rng, len(prompts))
         per_call = max(1, self.batch_size // n)
-        parts = [self._generate(prompts[i:i + per_call], n, sampling, rng) for i in range(0, len(prompts), per_call)]
+        parts = [self._generate(prompts[i:i + per_call], n, sampling, rng,
+                                None if seeds is None else seeds[i:i + per_call])
+                 for i in range(0, len(prompts), per_call)]
         return concat_rollouts(parts, self.pad_id)
 
     @torch.no_grad()  # not inference_mode: rollout tensors feed the autograd graph of the update
-    def _generate(self, prompts: list[list[int]], n: int, sampling, rng) -> Rollouts:
+    def _generate(self, prompts: list[list[int]], n: int, sampling, rng, seeds: list[int] | None = None) -> Rollouts:
         model, device = self.model, self.device
         was_training = model.training
         model.eval()
@@ -102,8 +135,10 @@ class HFGenerator:
         lengths = torch.full((S,), T, dtype=torch.long, device=device)
         alive = torch.arange(S, device=device)  # rows still generating, in cache order
         eos = self.eos_ids.to(device)
+        uniforms = prompt_uniforms(seeds, n, T).to(device) if seeds is not None else None
         for t in range(T):
-            tok = sample_tokens(logits, sampling.temperature, sampling.top_p, sampling.top_k, rng)
+            tok = sample_tokens(logits, sampling.temperature, sampling.top_p, sampling.top_k, rng,
+                                None if uniforms is None else uniforms[alive, t])
             tokens[alive, t] = tok
             logp_all = logits.log_softmax(dim=-1)
             logps[alive, t] = logp_all.gather(1, tok[:, None]).squeeze(1)

@@ -39,6 +39,10 @@ def distinct_prompts(batch: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _can_share_prefix(model) -> bool:
+    # FSDP2 runs collectives in every model call, so every rank must make the same number of calls:
+    # one full forward per micro-batch (distributed/update.py), not a prefill that only some chunks need.
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and _is_fsdp(model):
+        return False
     # Activation checkpointing turns the KV cache off in training forwards; fall back to the full one.
     # transformers 5 renamed the flag (reading the old name warns); PEFT wrappers forward either.
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
@@ -47,6 +51,12 @@ def _can_share_prefix(model) -> bool:
         except AttributeError:
             continue
     return True
+
+
+def _is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _full_logits(model, batch: Rollouts) -> torch.Tensor:

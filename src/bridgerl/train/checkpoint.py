@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..rollout.types import Rollouts
+from ..distributed.fsdp import is_distributed, push_weights
 
 MARKER = "latest"
 STATE_FILE = "state.json"
@@ -238,8 +239,6 @@ def run_state(run) -> dict:
     cache, OPTune's pool, monitors, and the config."""
     state = {
         "step": run.step,
-        "policy": {k: v.detach().cpu() for k, v in run.policy.state_dict().items()},
-        "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "stream": run.stream.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "sample": run.sample_rng.get_state(), "pair": run.pair_rng.get_state()},
@@ -247,6 +246,9 @@ def run_state(run) -> dict:
                   "entries": {k: (v[0].to("cpu"), v[1].cpu()) for k, v in run.cache.entries.items()}},
         "config": run.cfg.model_dump(mode="json"),
     }
+    if not is_distributed():  # with --nproc N the sharded weights and optimizer go through DCP (save_run)
+        state["policy"] = {k: v.detach().cpu() for k, v in run.policy.state_dict().items()}
+        state["optimizer"] = run.optimizer.state_dict()
     if run.optune_pool is not None:
         state["optune_pool"] = run.optune_pool.state_dict()
     if run.monitor is not None:
@@ -264,8 +266,9 @@ def run_state(run) -> dict:
 
 def load_run_state(run, state: dict) -> None:
     run.step = state["step"]
-    run.policy.load_state_dict(state["policy"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    if "policy" in state:  # absent in a sharded checkpoint: load_sharded has loaded them
+        run.policy.load_state_dict(state["policy"])
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.stream.load_state_dict(state["stream"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -274,7 +277,7 @@ def load_run_state(run, state: dict) -> None:
     if "weights" in state["generator"]:
         run.generator.load_state_dict(state["generator"])
     else:
-        run.generator.load_weights(run.policy, state["generator"]["version"])
+        push_weights(run.generator, run.policy, state["generator"]["version"])
     if "reference" in state:
         run.reference.load_state_dict(state["reference"])
     run.cache.version = state["cache"]["version"]
@@ -288,6 +291,10 @@ def load_run_state(run, state: dict) -> None:
 
 
 def save_run(run) -> Path:
+    if is_distributed():
+        from ..distributed.checkpoint import save_sharded
+        return save_sharded(run.out_dir, run.step, run.policy, run.optimizer, run_state(run),
+                            run.cfg.train.keep_checkpoints)
     return save_checkpoint(run.out_dir, run.step, run_state(run), run.cfg.train.keep_checkpoints)
 
 
@@ -318,7 +325,11 @@ def resume_run(run, force: bool = False) -> None:
     if ckpt is None:
         print(f"[bridgerl] --resume: no checkpoint in {run.out_dir}/checkpoints; starting from step 0")
         return
-    state = load_checkpoint(ckpt)
+    if is_distributed():
+        from ..distributed.checkpoint import load_sharded
+        state = load_sharded(ckpt, run.policy, run.optimizer)
+    else:
+        state = load_checkpoint(ckpt)
     changed = changed_keys(state["config"], run.cfg.model_dump(mode="json"))
     if changed and not force:
         raise ResumeConfigError(

@@ -75,3 +75,16 @@ class _Progress:
     def close(self) -> None:
         if self.bar:
             self.bar.close()
+
+
+class SilentLogger:
+    """What ranks > 0 log with --nproc N: nothing (rank 0 writes metrics.jsonl for the run)."""
+
+    def log(self, step: int, metrics: dict, final: bool = False) -> None:
+        pass
+
+    def progress(self, total: int, initial: int = 0):
+        return _Progress(total, initial, enabled=False)
+
+    def close(self) -> None:
+        pass

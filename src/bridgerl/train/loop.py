@@ -10,12 +10,14 @@ import torch
 from ..algos.grpovi import grpovi_rewards
 from ..algos.objective import BatchContext, TrainBatch, mean_metrics, spread_rows
 from ..config import Config, dump_config
+from ..distributed.fsdp import (all_reduce_sum, broadcast_object, gather_objects, is_distributed, is_main,
+                                push_weights, rank_and_world, rank_share, zero_pass)
 from ..rollout.logprobs import ReferenceLogprobs
 from ..rollout.types import Rollouts, concat_rollouts, sample_and_score
 from .checkpoint import resume_run, save_run
 from .evaluate import evaluate
 from .alarms import clipped_share, respond
-from .logger import MetricsLogger
+from .logger import MetricsLogger, SilentLogger
 from .optim import clip_and_step
 from .optune import optune_batch, sampler_metrics
 from .run import Run, build_run
@@ -43,15 +45,21 @@ def train_step(run: Run) -> dict:
     rows = run.stream.next_batch()
     with timer("sync"):
         if sync_due(run.step, cfg.rollout.sync_every) and run.generator.version != run.step:
-            run.generator.load_weights(run.policy, run.step)
-            if cfg.reference.sync == "with_generator":
-                run.reference.load_state_dict(run.policy.state_dict())
+            push_weights(run.generator, run.policy, run.step,
+                         run.reference if cfg.reference.sync == "with_generator" else None)
     with timer("generation"):
-        sample = optune_batch if run.optune_pool is not None else sample_batch
-        rollouts, rewards, sampled = sample(run, rows, timer)
-        if run.optune_pool is None:  # bounded staleness and dynamic sampling (off unless configured)
-            drawn = (rows, rollouts, rewards)
-            (rows, rollouts, rewards), sampled = select_samples(run, drawn, sampled, timer, sample_batch)
+        if is_main():  # with --nproc N, rank 0 samples and scores; every rank trains on the same batch
+            sample = optune_batch if run.optune_pool is not None else sample_batch
+            rollouts, rewards, sampled = sample(run, rows, timer)
+            if run.optune_pool is None:  # bounded staleness and dynamic sampling (off unless configured)
+                drawn = (rows, rollouts, rewards)
+                (rows, rollouts, rewards), sampled = select_samples(run, drawn, sampled, timer, sample_batch)
+            if hasattr(run.generator, "metrics"):  # worker pools: workers/restarts
+                sampled = sampled | run.generator.metrics()
+        if is_distributed():  # CPU tensors on the wire: each rank moves them to its own device
+            shared = (rows, rollouts.to("cpu"), rewards.cpu(), sampled) if is_main() else None
+            rows, rollouts, rewards, sampled = broadcast_object(shared)
+            rollouts, rewards = rollouts.to(run.device), rewards.to(run.device)
     reference = reference_for(run, rollouts)
     grpovi_metrics = {}
     if getattr(cfg.algo, "grpovi", None) is not None:
@@ -138,15 +146,23 @@ def update_policy(run: Run, batch: TrainBatch) -> dict:
     with a signal: no optimizer step (AdamW would still decay the weights)."""
     if batch.empty:
         return {"loss": 0.0, "tokens/trained": 0.0, "update/skipped": 1.0} | batch.metrics
+    # With --nproc N every rank holds the same batch and trains micro-batch i when i mod N is its rank;
+    # losses carry batch-wide normalisers and gradients are summed across ranks (distributed/fsdp.py),
+    # so the step is the single-process step. One process: every micro-batch, nothing to reduce.
+    mine = rank_share(batch.micro, *rank_and_world())
     collected, passes = [], []
     for _ in range(run.objective.passes):
         total = 0.0
-        for micro in batch.micro:
+        for micro in mine:
+            if micro is None:  # fewer micro-batches here than on rank 0: keep FSDP's collectives in step
+                zero_pass(run.objective, run.train_policy, batch.micro[0])
+                continue
             loss, m = run.objective.loss(run.train_policy, micro)
             loss.backward()
             total += loss.item()
             collected.append(m)
-        passes.append(optimizer_step(run) | {"loss": total})
+        passes.append(optimizer_step(run) | {"loss": all_reduce_sum(total)})
+    collected = [m for part in gather_objects(collected) for m in part]
     return mean_metrics(collected) | mean_metrics(passes) | batch.metrics
 
 
@@ -189,8 +205,15 @@ def train(cfg: Config, resume: bool = False, run: Run | None = None, force: bool
     run = run or build_run(cfg)
     if resume:
         resume_run(run, force=force)  # refuses a config that changes the run before anything is written
-    logger = MetricsLogger(run.out_dir, cfg.log, resume=resume)
-    dump_config(cfg, run.out_dir / "config.yaml")
+    logger = MetricsLogger(run.out_dir, cfg.log, resume=resume) if is_main() else SilentLogger()
+    if is_main():
+        dump_config(cfg, run.out_dir / "config.yaml")
+    if is_distributed() and run.eval_rows:
+        # Sampling from the sharded policy needs every rank in every decode step; evaluate final/ instead.
+        if is_main():
+            print("[bridgerl] --nproc: held-out evaluation is skipped during training; run `bridgerl eval "
+                  f"{run.out_dir / 'final'}` afterwards")
+        run.eval_rows = []
     if run.step == 0:
         start = (evaluate(run) if cfg.eval.at_start and run.eval_rows else {}) | \
             (run.monitor.maybe_measure(run.policy, 0) if run.monitor else {})
@@ -222,7 +245,10 @@ def train(cfg: Config, resume: bool = False, run: Run | None = None, force: bool
     if run.eval_rows:
         logger.log(run.step, evaluate(run), final=True)
     save_run(run)
-    if cfg.train.save_final:
+    if cfg.train.save_final and is_distributed():
+        from ..distributed.checkpoint import save_final_hf
+        save_final_hf(run.policy, run.tokenizer, run.out_dir / "final")  # every rank gathers, rank 0 writes
+    elif cfg.train.save_final:
         final = run.out_dir / "final"
         run.policy.save_pretrained(final)
         run.tokenizer.save_pretrained(final)

@@ -54,6 +54,8 @@ def clip_and_step(params: list[torch.nn.Parameter], optimizer, scheduler, grad_c
     norm skips the update (and says so) instead of writing NaN into the weights."""
     with_grad = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(with_grad, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a replicated DTensor, the same on every rank
+        norm = norm.full_tensor()
     if not with_grad or not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float("nan"), "update/skipped": 1.0}

@@ -14,6 +14,8 @@ from ..data.encoding import PromptEncoder
 from ..data.stream import PromptSource, PromptStream
 from ..models import apply_lora, frozen_copy, load_causal_lm, load_tokenizer
 from ..monitor.live import LiveMonitor
+from ..distributed.fsdp import rank_and_world, shard_model
+from ..rollout.engines import build_generator
 from ..rollout.hf import HFGenerator
 from ..rollout.types import Generator, Rewarder, Rollouts
 from .alarms import CollapseAlarm
@@ -109,13 +111,40 @@ def needs_reference(cfg: Config, objective: Objective) -> bool:
     return objective.needs_reference or (grpovi is not None and grpovi.probs == "reference")
 
 
+def _refuse_on_ranks(cfg: Config) -> None:
+    """What --nproc N does not run yet, said before any model loads."""
+    if cfg.model.lora:
+        raise ValueError("--nproc > 1 with model.lora is not supported yet; train the adapter on one process")
+    if cfg.monitor.pathways:
+        raise ValueError("--nproc > 1 with monitor.pathways is not supported yet; run `bridgerl monitor RUN_DIR` "
+                         "on the checkpoints afterwards")
+    if cfg.data.efficacy is not None:
+        raise ValueError("--nproc > 1 with data.efficacy is not supported yet; score once with `bridgerl score` and "
+                         "use data.efficacy.scorer=file on one process")
+
+
 def build_run(cfg: Config) -> Run:
     from ..rewards.registry import build_rewarder
 
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
     train_rows, eval_rows = build_rows(cfg)
+    rank, world = rank_and_world()
+    if world > 1:
+        _refuse_on_ranks(cfg)
+    if (cfg.rollout.workers or cfg.rewards.workers) and rank == 0:
+        import os
+
+        from ..distributed.actors import ensure_ray
+        # A local Ray gets a CPU slot per actor even on a smaller machine: each actor runs one thread.
+        ensure_ray(num_cpus=max(os.cpu_count() or 1, cfg.rollout.workers + cfg.rewards.workers))
     rewarder = build_rewarder(cfg.rewards, cfg.data.default_task, device)
+    if cfg.rewards.workers and rank == 0:
+        from functools import partial
+
+        from ..rewards.workers import RayRewardPool
+        rewarder = RayRewardPool(partial(build_rewarder, cfg.rewards, cfg.data.default_task, torch.device("cpu")),
+                                 cfg.rewards.workers)
     m = cfg.model
     tokenizer = load_tokenizer(m.path, m.trust_remote_code, m.gguf_file)
     policy = load_causal_lm(m.path, m.dtype, m.trust_remote_code, m.gguf_file, device)
@@ -141,12 +170,15 @@ def build_run(cfg: Config) -> Run:
             else:
                 reference = frozen_copy(policy)
     policy.train()
-    generator = HFGenerator(policy, tokenizer, batch_size=cfg.rollout.batch_size, fast_decode=cfg.rollout.fast_decode)
+    generator = build_generator(cfg.rollout, policy, tokenizer, device, rank)
+    if world > 1:  # after the generator's copy, before the optimizer sees the parameters
+        shard_model(policy)
     train_policy = policy
     if cfg.train.mixed_precision == "bf16":
         # fp32 master weights stay in `policy` (optimizer, checkpoints, saves); sampling and the
         # reference run on bf16 copies (copy_weights_ casts at each sync); training forwards autocast.
-        generator.model.to(torch.bfloat16)
+        if isinstance(generator, HFGenerator):
+            generator.model.to(torch.bfloat16)
         if reference is not None:
             reference.to(torch.bfloat16)
         train_policy = Autocast(policy, device.type, torch.bfloat16)
