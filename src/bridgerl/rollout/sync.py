@@ -44,9 +44,14 @@ def _run_with_deadline(fn, timeout_s: float, what: str):
     A thread cannot be killed, so after a timeout the engine is in an unknown state: the caller must
     stop (which is what the error says), never sample from it again."""
     result: dict = {}
+    # OpenMP's thread count is per thread: a new thread starts from the default, while engines size
+    # their kernels by the caller's count (vLLM's CPU attention checks that they agree). torch._C's
+    # setter, because vLLM's CPU worker replaces torch.set_num_threads with a no-op.
+    threads = torch.get_num_threads()
 
     def target():
         try:
+            torch._C.set_num_threads(threads)
             result["value"] = fn()
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
             result["error"] = e
