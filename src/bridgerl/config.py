@@ -60,6 +60,8 @@ class VLLMEngineConfig(Strict):
 class ServerConfig(Strict):
     url: str = Field("http://127.0.0.1:8000", description="base URL of a running vLLM OpenAI-compatible server")
     request_timeout_s: float = Field(600.0, gt=0, description="per HTTP request")
+    weights_dir: str | None = Field(None, description="a folder the server also sees: weight pushes go as a "
+                                                      "safetensors file there instead of over HTTP (large models)")
 
 
 class RolloutConfig(SamplingConfig):

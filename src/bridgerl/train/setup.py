@@ -11,6 +11,7 @@ import torch
 
 from ..config import Config, DPOConfig, GRPOConfig, TaskRewardConfig
 from ..models import apply_lora, frozen_copy, load_causal_lm, load_tokenizer
+from ..rollout.engines import build_generator
 from ..rollout.hf import HFGenerator
 
 
@@ -184,13 +185,13 @@ def build_run(cfg: Config) -> Run:
     if m.lora:
         policy = apply_lora(policy, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
     policy.train()
-    generator = HFGenerator(policy, tokenizer, batch_size=cfg.rollout.batch_size,
-                            fast_decode=cfg.rollout.fast_decode)
+    generator = build_generator(cfg.rollout, policy, tokenizer, m.path, model_dtype=m.dtype, seed=cfg.train.seed)
     train_policy = policy
     if cfg.train.mixed_precision == "bf16":
         # fp32 master weights stay in `policy` (optimizer, checkpoints, saves); sampling and the
         # reference run on bf16 copies (copy_weights_ casts at each sync); training forwards autocast.
-        generator.model.to(torch.bfloat16)
+        if cfg.rollout.engine == "hf":  # vLLM engines take their dtype from rollout.vllm.dtype
+            generator.model.to(torch.bfloat16)
         if reference is not None:
             reference.to(torch.bfloat16)
         train_policy = Autocast(policy, device.type, torch.bfloat16)
