@@ -77,6 +77,36 @@ def state_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
     return save(out)
 
 
+def folder_layout(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a model folder's safetensors files (headers only, nothing loaded)."""
+    from safetensors import safe_open
+
+    layout = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                layout[k] = tuple(fh.get_slice(k).get_shape())
+    return layout
+
+
+def check_layout(state: dict[str, torch.Tensor], layout: dict[str, tuple[int, ...]]) -> None:
+    """Refuse weights that do not fit the engine's model before they reach it: a failed in-place
+    reload leaves vLLM's model half re-initialised and unusable, so a wrong push must never start."""
+    if not layout:
+        return
+    for name, t in state.items():
+        if name in layout and tuple(t.shape) != layout[name]:
+            raise ValueError(f"tensor {name} has shape {tuple(t.shape)} but the engine's model has {layout[name]}: "
+                             "the policy is not the model the engine was started with")
+    unknown = sorted(set(state) - set(layout))
+    if unknown:
+        raise ValueError(f"{len(unknown)} tensors the engine's model does not have (e.g. {unknown[0]}): "
+                         "the policy is not the model the engine was started with")
+    missing = sorted(set(layout) - set(state) - {"lm_head.weight"})
+    if missing:
+        raise ValueError(f"{len(missing)} of the engine's tensors are missing from the push (e.g. {missing[0]})")
+
+
 def read_model_folder(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -164,6 +194,7 @@ class VLLMGenerator:
         self.version = 0
         self.fix_tied_lm_head = fix_tied_lm_head  # False only in the test that shows the fix is needed
         self._pushed: bytes | None = None  # the last pushed weights (HF names), for state_dict()
+        self.layout = folder_layout(self.model_path)  # what a push must look like
         self.on_gpu = torch.cuda.is_available()
         self.sleeping = False
         if not self.on_gpu:
@@ -237,7 +268,9 @@ class VLLMGenerator:
         return out[0]
 
     def load_weights(self, policy: torch.nn.Module, version: int) -> None:
-        payload = state_to_bytes(export_state(policy, self.engine_dtype))
+        state = export_state(policy, self.engine_dtype)
+        check_layout(state, self.layout)
+        payload = state_to_bytes(state)
         self.push_bytes(payload)
         self._pushed = payload
         self.version = version
@@ -253,8 +286,10 @@ class VLLMGenerator:
         return {"version": self.version, "weights": weights}
 
     def load_state_dict(self, state: dict) -> None:
-        payload = state_to_bytes({k: v.to(self.engine_dtype) for k, v in state["weights"].items()
-                                  if k != "lm_head.weight" or not self._tied()})
+        weights = {k: v.to(self.engine_dtype) for k, v in state["weights"].items()
+                   if k != "lm_head.weight" or not self._tied()}
+        check_layout(weights, self.layout)
+        payload = state_to_bytes(weights)
         self.push_bytes(payload)
         self._pushed = payload
         self.version = state["version"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .types import Rollouts
-from .vllm import eos_ids_of, export_state, read_model_folder, request_seeds, rollouts_from_samples, state_to_bytes
+from .vllm import check_layout, eos_ids_of, export_state, folder_layout, read_model_folder, request_seeds, rollouts_from_samples, state_to_bytes
 from .vllm_worker import EXTENSION
 
 
@@ -61,7 +61,8 @@ class VLLMServerGenerator:
         models = self._request("GET", "/v1/models", timeout=30)
         self.model = models["data"][0]["id"]
         self.eos_ids = eos_ids_of(tokenizer, model_path)
-        self.dtype = None  # learned from the first push: the server casts whatever it gets
+        self.dtype = None  # the policy's: the server casts whatever it gets
+        self.layout = folder_layout(model_path) if model_path else {}  # what a push must look like
 
     # ---- HTTP ----------------------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None):
@@ -133,7 +134,9 @@ class VLLMServerGenerator:
 
     def load_weights(self, policy: torch.nn.Module, version: int) -> None:
         dtype = self.dtype or next(policy.parameters()).dtype
-        payload = state_to_bytes(export_state(policy, dtype))
+        state = export_state(policy, dtype)
+        check_layout(state, self.layout)
+        payload = state_to_bytes(state)
         self.push_bytes(payload)
         self._pushed = payload
         self.version = version
@@ -151,7 +154,8 @@ class VLLMServerGenerator:
         return {"version": self.version, "weights": weights}
 
     def load_state_dict(self, state: dict) -> None:
-        payload = state_to_bytes({k: v for k, v in state["weights"].items()})
+        check_layout(state["weights"], self.layout)
+        payload = state_to_bytes(dict(state["weights"]))
         self.push_bytes(payload)
         self._pushed = payload
         self.version = state["version"]
