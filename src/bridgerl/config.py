@@ -47,7 +47,8 @@ class VLLMEngineConfig(Strict):
     """Options of the in-process vLLM engine (rollout.engine: vllm); see docs/vllm.md."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: model.dtype; float32 makes the engine's log-probs match the trainer's to ~1e-6")
-    max_model_len: int = Field(1024, gt=0, description="prompt + completion tokens per sequence")
+    max_model_len: int | None = Field(None, gt=0, description="prompt + completion tokens per sequence; "
+                                                              "None: the model's own limit")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share for weights + KV cache "
                                                                        "(the trainer shares the GPU when colocated)")
     kv_cache_gb: float = Field(1.0, gt=0, description="CPU only: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")

@@ -200,10 +200,12 @@ class VLLMGenerator:
         if not self.on_gpu:
             # vLLM CPU sizes its KV cache from this (GiB); 0 would mean "4 GiB".
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(options.kv_cache_gb))))
-        kwargs = dict(model=self.model_path, dtype=dtype, seed=seed, max_model_len=options.max_model_len,
+        kwargs = dict(model=self.model_path, dtype=dtype, seed=seed,
                       enforce_eager=options.enforce_eager, enable_prefix_caching=options.enable_prefix_caching,
                       distributed_executor_backend="uni", worker_extension_cls="bridgerl.rollout.vllm_worker.WeightLoader",
                       logprobs_mode="raw_logprobs")
+        if options.max_model_len is not None:
+            kwargs["max_model_len"] = options.max_model_len
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=options.gpu_memory_utilization,
                           enable_sleep_mode=options.sleep_between_steps)
