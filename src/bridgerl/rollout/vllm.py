@@ -278,8 +278,7 @@ class VLLMGenerator:
         for seq, out in zip(sequences, outs):
             entries = out.prompt_logprobs[1:]  # position 0 has no prefix
             result.append(torch.tensor([token_logprob(e, t) for e, t in zip(entries, seq[1:])], dtype=torch.float32))
-        self._maybe_sleep()
-        return result
+        return result  # no sleep here: the probe runs right after a push, and generation follows it
 
     def push_bytes(self, payload: bytes) -> dict:
         self._awake()
