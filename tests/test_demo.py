@@ -67,7 +67,7 @@ def test_regimes_share_the_seed_and_budget(demo_dir):
     assert {(c["train"]["steps"], c["data"]["prompts_per_step"], c["rollout"]["n"]) for c in cfgs.values()} == {
         (TOY.steps, TOY.prompts_per_step, TOY.n)}
     assert cfgs["offline_dpo"]["rollout"]["sync_every"] == 0 and cfgs["online_dpo"]["rollout"]["sync_every"] == 1
-    assert cfgs["optune"]["algo"]["exploration"]["rho"] == TOY.optune_rho
+    assert cfgs["optune"]["algo"]["optune"]["rho"] == TOY.optune_rho
 
 
 def test_second_run_is_all_cached_and_a_changed_setting_reruns_only_what_depends_on_it(demo_dir):
