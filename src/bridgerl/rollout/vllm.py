@@ -167,7 +167,8 @@ def request_seeds(count: int, rng: torch.Generator | None) -> list[int | None]:
     return [base + 1000 * i for i in range(count)]
 
 
-def eos_ids_of(tokenizer, model_path: str | None) -> set[int]:
+def eos_ids_of(tokenizer, model_path: str | None) -> torch.Tensor:
+    """EOS ids of the tokenizer and the model's generation config, as a sorted long tensor."""
     ids = {tokenizer.eos_token_id}
     if model_path and (Path(model_path) / "generation_config.json").exists():
         import json
@@ -175,7 +176,7 @@ def eos_ids_of(tokenizer, model_path: str | None) -> set[int]:
         eos = json.loads((Path(model_path) / "generation_config.json").read_text()).get("eos_token_id")
         if eos is not None:
             ids.update(eos if isinstance(eos, list) else [eos])
-    return {i for i in ids if i is not None}
+    return torch.tensor(sorted(i for i in ids if i is not None), dtype=torch.long)
 
 
 def check_cpu_head_dim(model_path: str) -> None:
@@ -207,7 +208,7 @@ class VLLMGenerator:
         self.model_path = str(model_path)
         self.options = options
         self.pad_id = tokenizer.pad_token_id
-        self.eos_ids = eos_ids_of(tokenizer, self.model_path)
+        self.eos_ids = eos_ids_of(tokenizer, self.model_path)  # a tensor, like HFGenerator's (the loop reads it)
         self.version = 0
         self.fix_tied_lm_head = fix_tied_lm_head  # False only in the test that shows the fix is needed
         self._pushed: bytes | None = None  # the last pushed weights (HF names), for state_dict()
@@ -254,7 +255,7 @@ class VLLMGenerator:
         # vLLM refuses n > 1 when greedy (the samples would be identical): sample once, repeat below.
         params = [SamplingParams(n=1 if greedy else n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k or 0, max_tokens=sampling.max_new_tokens, logprobs=0,
-                                 seed=s, detokenize=False, stop_token_ids=sorted(self.eos_ids))
+                                 seed=s, detokenize=False, stop_token_ids=self.eos_ids.tolist())
                   for s in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         samples = []
@@ -265,7 +266,8 @@ class VLLMGenerator:
                 group.append((ids, [token_logprob(e, t) for e, t in zip(c.logprobs, ids)]))
             samples.append(group * n if greedy else group)
         self._maybe_sleep()
-        return rollouts_from_samples(prompts, samples, n, self.version, self.pad_id, self.eos_ids, self.tokenizer)
+        return rollouts_from_samples(prompts, samples, n, self.version, self.pad_id,
+                                     set(self.eos_ids.tolist()), self.tokenizer)
 
     def score_tokens(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         from vllm import SamplingParams

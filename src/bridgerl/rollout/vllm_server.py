@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .types import Rollouts
-from .vllm import check_layout, eos_ids_of, export_state, folder_layout, read_model_folder, request_seeds, rollouts_from_samples, state_to_bytes
+from .vllm import (check_layout, eos_ids_of, export_state, folder_layout, read_model_folder, request_seeds,
+                   rollouts_from_samples, state_to_bytes)
 from .vllm_worker import EXTENSION
 
 
@@ -60,7 +61,7 @@ class VLLMServerGenerator:
         self._pushed: bytes | None = None
         models = self._request("GET", "/v1/models", timeout=30)
         self.model = models["data"][0]["id"]
-        self.eos_ids = eos_ids_of(tokenizer, model_path)
+        self.eos_ids = eos_ids_of(tokenizer, model_path)  # a tensor, like HFGenerator's (the loop reads it)
         self.dtype = None  # the policy's: the server casts whatever it gets
         self.layout = folder_layout(model_path) if model_path else {}  # what a push must look like
 
@@ -96,7 +97,7 @@ class VLLMServerGenerator:
             body = {"model": self.model, "prompt": prompts[i], "n": 1 if greedy else n,
                     "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or 0,
                     "max_tokens": sampling.max_new_tokens, "logprobs": 0, "return_token_ids": True,
-                    "stop_token_ids": sorted(self.eos_ids), "skip_special_tokens": True}
+                    "stop_token_ids": self.eos_ids.tolist(), "skip_special_tokens": True}
             if seeds[i] is not None:
                 body["seed"] = seeds[i]
             out = self._request("POST", "/v1/completions", body)
@@ -106,7 +107,8 @@ class VLLMServerGenerator:
 
         with ThreadPoolExecutor(min(self.max_parallel, len(prompts))) as pool:
             samples = list(pool.map(one, range(len(prompts))))
-        return rollouts_from_samples(prompts, samples, n, self.version, self.pad_id, self.eos_ids, self.tokenizer)
+        return rollouts_from_samples(prompts, samples, n, self.version, self.pad_id,
+                                     set(self.eos_ids.tolist()), self.tokenizer)
 
     def score_tokens(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         body = {"model": self.model, "prompt": sequences, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
