@@ -45,6 +45,28 @@ class SamplingConfig(Strict):
     max_new_tokens: int = Field(64, gt=0)
 
 
+class VLLMEngineConfig(Strict):
+    """Options of the in-process vLLM engine (rollout.engine: vllm); see docs/vllm.md."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: model.dtype; float32 makes the engine's log-probs match the trainer's to ~1e-6")
+    max_model_len: int | None = Field(None, gt=0, description="prompt + completion tokens per sequence; "
+                                                              "None: the model's own limit")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share for weights + KV cache "
+                                                                       "(the trainer shares the GPU when colocated)")
+    kv_cache_gb: float = Field(1.0, gt=0, description="CPU only: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    enforce_eager: bool = Field(True, description="true: no CUDA graphs (fast start); false: faster decode on GPU")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV of shared prompt prefixes")
+    sleep_between_steps: bool = Field(False, description="GPU only: free the engine's weights and KV cache while the "
+                                                         "trainer updates (vLLM sleep mode level 1), wake at sampling")
+
+
+class ServerConfig(Strict):
+    url: str = Field("http://127.0.0.1:8000", description="base URL of a running vLLM OpenAI-compatible server")
+    request_timeout_s: float = Field(600.0, gt=0, description="per HTTP request")
+    weights_dir: str | None = Field(None, description="a folder the server also sees: weight pushes go as a "
+                                                      "safetensors file there instead of over HTTP (large models)")
+
+
 class DynamicSamplingConfig(Strict):
     """Groups whose rewards have no spread carry no GRPO gradient; sample more prompts instead."""
     max_rounds: int = Field(0, ge=0, description="extra sampling rounds per step to fill prompts_per_step "
@@ -56,7 +78,14 @@ class DynamicSamplingConfig(Strict):
 class RolloutConfig(SamplingConfig):
     sync_every: int = Field(1, ge=0, description="1 online, k semi-online, 0 never (offline)")
     n: int = Field(8, ge=2, description="samples per prompt")
-    engine: Literal["hf"] = "hf"
+    engine: Literal["hf", "vllm", "vllm_server"] = Field(
+        "hf", description="hf: bridgerl's own sampler; vllm: an in-process vLLM; vllm_server: a running vLLM server")
+    vllm: VLLMEngineConfig = VLLMEngineConfig()
+    server: ServerConfig = ServerConfig()
+    sync_timeout_s: float = Field(300.0, gt=0, description="a weight push that takes longer stops the run")
+    sync_tolerance: float = Field(
+        1e-3, gt=0, description="max |log-prob| gap between engine and policy on the probe after a push; "
+                                "above it the run stops (raise it for bf16/fp16 engines, e.g. 0.1)")
     batch_size: int = Field(256, gt=0, description="sequences per generation call")
     fast_decode: bool = Field(True, description="Llama/Qwen2: decode with plain torch ops (rollout/decode.py); "
                                                 "false: always the model's own forward")

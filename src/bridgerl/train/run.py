@@ -170,14 +170,15 @@ def build_run(cfg: Config) -> Run:
             else:
                 reference = frozen_copy(policy)
     policy.train()
-    generator = build_generator(cfg.rollout, policy, tokenizer, device, rank)
+    generator = build_generator(cfg.rollout, policy, tokenizer, m.path, model_dtype=m.dtype, seed=cfg.train.seed,
+                                device=device, rank=rank)
     if world > 1:  # after the generator's copy, before the optimizer sees the parameters
         shard_model(policy)
     train_policy = policy
     if cfg.train.mixed_precision == "bf16":
         # fp32 master weights stay in `policy` (optimizer, checkpoints, saves); sampling and the
         # reference run on bf16 copies (copy_weights_ casts at each sync); training forwards autocast.
-        if isinstance(generator, HFGenerator):
+        if isinstance(generator, HFGenerator):  # vLLM engines take their dtype from rollout.vllm.dtype
             generator.model.to(torch.bfloat16)
         if reference is not None:
             reference.to(torch.bfloat16)
