@@ -76,16 +76,30 @@ CONDITIONS = [
 # ---------------------------------------------------------------- data
 
 def level_rows(levels, per_level: int, seed: int, split: str, exclude: set[str] = frozenset()) -> list[dict]:
-    """`per_level` rows of each arithmetic level, none whose prompt is in `exclude`."""
-    out = []
+    """`per_level` distinct rows of each arithmetic level, none whose prompt is in `exclude`.
+
+    Distinct across the whole mix: a level draws problems with replacement and the levels overlap
+    (a one-digit sum is also an `easy` problem), so a plain draw of the default mix repeats 145
+    prompts; repeated prompts share one score id, which the score files reject, and would weight
+    those problems twice."""
+    out, exclude = [], set(exclude)
     for level in levels:
-        ask = per_level
+        ask, kept, before = per_level, [], -1
         while True:  # draws of one seed are prefixes of each other, so asking for more only appends
-            kept = [r for r in builtin_rows(f"arithmetic:{level}", ask, seed, split) if r["prompt"] not in exclude]
+            seen, kept = set(exclude), []
+            for r in builtin_rows(f"arithmetic:{level}", ask, seed, split):
+                if r["prompt"] not in seen:
+                    seen.add(r["prompt"])
+                    kept.append(r)
             if len(kept) >= per_level:
                 break
+            if len(kept) == before and ask > 8 * per_level:
+                raise ValueError(f"arithmetic:{level} ({split}) has only {len(kept)} distinct problems outside "
+                                 f"the excluded ones; ask for fewer than {per_level} rows per level")
+            before = len(kept)
             ask += 2 * (per_level - len(kept))
         out += kept[:per_level]
+        exclude |= {r["prompt"] for r in kept[:per_level]}
     return [dict(r, completion=r["solution"]) for r in out]
 
 
