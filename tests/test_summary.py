@@ -40,10 +40,14 @@ def test_headline_states_gains_order_and_who_falls_below_the_seed():
     assert "online DPO +0.090 ± 0.006" in text
     assert "offline DPO −0.030 ± 0.006" in text and "s=5 +0.040" in text
     assert "Fresher DPO samples scored higher" in text
+    assert "online − offline +0.120, beyond two standard errors" in text
+    assert "more than two standard errors: s=5, online DPO, GRPO." in text  # GRPO: +0.04 against 2 × 0.012
     assert "Not above the seed: offline DPO." in text
     # online below semi-online: the order is reported as broken, not claimed
     broken = headline(summary(online=(0.24, 0.25, 0.23)))
     assert "not in the order" in broken and "s=5 ≥ online DPO ≥ offline DPO" in broken
+    noisy = summary(online=(0.40, 0.20, 0.30), offline=(0.10, 0.40, 0.25))
+    assert "within two standard errors" in headline(noisy)
 
 
 def test_table_has_one_row_per_regime_plus_the_seed():

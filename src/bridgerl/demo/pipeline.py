@@ -70,7 +70,8 @@ def base_config(st: DemoSettings, model: Path, out_dir: Path, seed: int) -> dict
     """The settings every comparison run shares (a plain dict, validated by load_config)."""
     return {
         "model": {"path": str(model)},
-        "rollout": {"n": st.n, "max_new_tokens": st.max_new_tokens, "temperature": 1.0, "sync_every": 1},
+        "rollout": {"n": st.n, "max_new_tokens": st.max_new_tokens, "temperature": st.rollout_temperature,
+                    "sync_every": 1},
         "data": {"train": f"builtin:{st.rl_task}", "num_train": st.num_train, "num_eval": st.num_eval,
                  "prompts_per_step": st.prompts_per_step},
         "rewards": {"tasks": {"arithmetic": {"kind": "math"}}},

@@ -99,10 +99,16 @@ def headline(summary: dict) -> str:
     if len(dpo) >= 2:
         means = [r["mean"] for r in dpo]
         kept = all(a >= b for a, b in zip(means, means[1:]))
-        text += (" Fresher DPO samples scored higher at every step from online to offline." if kept else
+        text += (" Fresher DPO samples scored higher at every step from online to offline" if kept else
                  " The DPO regimes are not in the order online ≥ semi-online ≥ offline: "
-                 + " ≥ ".join(_short(r) for r in sorted(dpo, key=lambda r: -r["mean"])) + ".")
+                 + " ≥ ".join(_short(r) for r in sorted(dpo, key=lambda r: -r["mean"])))
+        first, last = dpo[0], dpo[-1]
+        gap, noise = first["mean"] - last["mean"], 2 * math.hypot(first["se"], last["se"])
+        text += (f" (online − offline {_signed(gap)}, {'beyond' if abs(gap) > noise else 'within'} two standard "
+                 f"errors, ±{noise:.3f}).")
+    clear = [_short(r) for r in regimes if r["mean"] - seed > 2 * r["se"] and r["se"] > 0]
     below = [_short(r) for r in regimes if r["mean"] <= seed]
+    text += f" Above the seed by more than two standard errors: {', '.join(clear) if clear else 'none'}."
     if below:
         text += f" Not above the seed: {', '.join(below)}."
     return text
