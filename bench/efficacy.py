@@ -8,7 +8,7 @@ Setup (algorithms.md §4; the paper's anchor is 36.37 -> 38.08, shuffle -> LQS +
 - Data D: one built-in arithmetic pool mixing levels (default tiny + easy, equal shares: a
   heterogeneous pool, so a score has something to rank), train split, one fixed draw for every seed.
 - Every run: a fresh tiny Llama (the seed sets its init and sft's shuffle), then
-  `bridgerl.train.sft.sft` for |D| / batch steps (one pass over D, the paper's single epoch),
+  `bridgerl.supervised.sft.sft` for |D| / batch steps (one pass over D, the paper's single epoch),
   cosine LR. The only thing that changes between
   conditions is the `order` of row indices handed to `sft`; the shuffle baseline is sft's own
   seeded shuffle. Top-50% runs keep the same step budget, so they take two passes over half of D;
@@ -46,14 +46,15 @@ import torch
 
 from bridgerl.config import SamplingConfig, SFTConfig
 from bridgerl.data.efficacy import apply_efficacy, spearman
-from bridgerl.data.efficacy_config import answer_samples, loss_based_scores, lqs_for_rows, write_scores
+from bridgerl.data.delt import loss_based_scores, lqs_for_rows, write_scores
+from bridgerl.data.encoding import answer_samples, encode_sft
 from bridgerl.data.lqs import per_sample_grad_throughput
 from bridgerl.data.scorers import loss_scores, samples_from_prompt_lengths
 from bridgerl.data.tasks import builtin_rows
 from bridgerl.models import load_causal_lm, load_tokenizer, make_tiny_model
 from bridgerl.rewards.math import math_reward
 from bridgerl.rollout.hf import HFGenerator
-from bridgerl.train.sft import encode_sft, sft
+from bridgerl.supervised.sft import sft
 
 SCORER_SEED = 1000  # the scorer's init; training seeds are 0..S-1, so it never equals a trained model's
 DATA_SEED, PROXY_SEED, TARGET_SEED, EVAL_SEED = 0, 1, 2, 3

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def seed_model(out: Path, task: str, sft_steps: int) -> Path:
     from bridgerl.config import SFTConfig
     from bridgerl.models import make_tiny_model
-    from bridgerl.train.sft import sft
+    from bridgerl.supervised.sft import sft
 
     seed_dir = out / "seed"
     if (seed_dir / "config.json").exists():
@@ -41,7 +41,7 @@ def run_arm(seed_dir: Path, out: Path, task: str, shaping: str, seed: int, steps
 
     run_dir = out / f"{shaping}-seed{seed}"
     cfg = load_config(None, [
-        f"model.path={seed_dir}", "algo.name=grpo", f"algo.reward_shaping={shaping}", "algo.beta=0.001",
+        f"model.path={seed_dir}", "algo.name=grpo", "algo.grpovi={}" if shaping == "variance_increase" else "algo.grpovi=null", "algo.beta=0.001",
         f"data.train=builtin:{task}", "data.num_train=2000", "data.num_eval=128", f"data.prompts_per_step={prompts}",
         "rewards.tasks={arithmetic: {kind: partial}}", f"rollout.n={n}", "rollout.max_new_tokens=40",
         f"optim.lr={lr}", f"train.steps={steps}", f"train.seed={seed}", f"train.out_dir={run_dir}",
@@ -89,7 +89,7 @@ def main() -> None:
                             args.lr, args.eval_temperature)
             curve = [(m["step"], m["eval/score"]) for m in lines if "eval/score" in m]
             steps = [m for m in lines if "reward/mean" in m]
-            shaping_share = [m.get("time/shaping", 0.0) / m["time/step"] for m in steps if m.get("time/step")]
+            shaping_share = [m.get("time/grpovi", 0.0) / m["time/step"] for m in steps if m.get("time/step")]
             var = [(m.get("reward/var_before"), m.get("reward/var_after")) for m in steps if "reward/var_before" in m]
             results[shaping].append({"seed": seed, "curve": curve, "shaping_share": statistics.median(shaping_share),
                                      "var": var, "step_time": statistics.median(m["time/step"] for m in steps)})

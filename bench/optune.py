@@ -44,8 +44,8 @@ def arms(rhos: list[float], dpo_beta: float) -> dict[str, dict]:
     """Arm name → algo config. Same β everywhere; OPTune and random differ only in the key."""
     out = {"online DPO": {"name": "dpo", "beta": dpo_beta}}
     for rho in rhos:
-        out[f"OPTune ρ={rho:g}"] = {"name": "dpo", "beta": dpo_beta, "exploration": {"rho": rho}}
-        out[f"random ρ={rho:g}"] = {"name": "dpo", "beta": dpo_beta, "exploration": {"rho": rho, "key": "random"}}
+        out[f"OPTune ρ={rho:g}"] = {"name": "dpo", "beta": dpo_beta, "optune": {"rho": rho}}
+        out[f"random ρ={rho:g}"] = {"name": "dpo", "beta": dpo_beta, "optune": {"rho": rho, "key": "random"}}
     return out
 
 

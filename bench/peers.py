@@ -57,7 +57,7 @@ def prepared_model(size: str, cache_dir: Path) -> Path:
     """A tiny Llama of `size`, fine-tuned briefly on the task; built once and cached."""
     from bridgerl.config import SFTConfig
     from bridgerl.models import make_tiny_model
-    from bridgerl.train.sft import sft
+    from bridgerl.supervised.sft import sft
 
     s = SFT[size]
     out = cache_dir / f"llama-{size}-{TASK.replace(':', '-')}-sft{s['steps']}"
@@ -157,7 +157,7 @@ def trl_args(w: Work, out_dir: str):
 def step_rows(w: Work) -> list[dict]:
     """The prompts bridgerl's stream will serve, in order, so TRL (sequential sampling) gets the same."""
     from bridgerl.data.stream import PromptStream
-    from bridgerl.train.setup import build_rows
+    from bridgerl.train.run import build_rows
 
     train, _ = build_rows(bridgerl_config(w, tempfile.gettempdir()))
     stream = PromptStream(train, w.prompts, seed=w.seed)
@@ -165,7 +165,7 @@ def step_rows(w: Work) -> list[dict]:
 
 
 def make_bridgerl(w: Work, out_dir: str):
-    from bridgerl.train.setup import build_run
+    from bridgerl.train.run import build_run
     return build_run(bridgerl_config(w, out_dir))
 
 

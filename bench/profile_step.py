@@ -40,8 +40,9 @@ class PartTimer:
     """Seconds per named part: process CPU time on CPU (steady on a shared machine, see
     peers.Clock), synchronised wall time on CUDA."""
 
-    def __init__(self, device: str):
-        self.clock = time.process_time if device == "cpu" else (lambda: peers.now(device))
+    def __init__(self, device: str, wall: bool = False):
+        # --wall: reward workers are other processes, whose CPU time process_time() does not see.
+        self.clock = time.perf_counter if wall else time.process_time if device == "cpu" else (lambda: peers.now(device))
         self.seconds: dict[str, float] = defaultdict(float)
 
     def wrap(self, name, fn):
@@ -56,29 +57,42 @@ class PartTimer:
 
 def instrument(run, timer: PartTimer):
     """Wrap what train_step calls; returns a function that undoes the module-level patches."""
+    import bridgerl.algos.dpo
+    import bridgerl.algos.group_dpo
+    import bridgerl.algos.grpo
+    import bridgerl.rollout.logprobs
     import bridgerl.train.loop as loop
-    import bridgerl.train.updates as updates
+
+    forwards = [bridgerl.algos.dpo, bridgerl.algos.group_dpo, bridgerl.algos.grpo, bridgerl.rollout.logprobs]
 
     run.generator.load_weights = timer.wrap("sync", run.generator.load_weights)
     run.generator.generate = timer.wrap("generation", run.generator.generate)
     run.rewarder = timer.wrap("reward", run.rewarder)
-    saved = (updates.token_logprobs, loop.optimizer_step, torch.Tensor.backward)
-    updates.token_logprobs = timer.wrap(lambda model, *a, **k: "ref logps" if model is run.reference else "policy fwd",
-                                        updates.token_logprobs)
+    saved = (forwards[0].token_logprobs, loop.optimizer_step, torch.Tensor.backward)
+    timed_forward = timer.wrap(lambda model, *a, **k: "ref logps" if model is run.reference else "policy fwd",
+                               saved[0])
+    for module in forwards:
+        module.token_logprobs = timed_forward
     loop.optimizer_step = timer.wrap("optimizer", loop.optimizer_step)
     torch.Tensor.backward = timer.wrap("backward", torch.Tensor.backward)
 
     def undo():
-        updates.token_logprobs, loop.optimizer_step, torch.Tensor.backward = saved
+        for module in forwards:
+            module.token_logprobs = saved[0]
+        loop.optimizer_step, torch.Tensor.backward = saved[1:]
     return undo
 
 
-def profile_work(w: peers.Work, skip: int, torch_profiler: bool) -> dict[str, list[float]]:
+def profile_work(w: peers.Work, skip: int, torch_profiler: bool, wall: bool = False,
+                 reward_processes: int | None = None) -> dict[str, list[float]]:
     from bridgerl.train.loop import train_step
-    from bridgerl.train.setup import build_run
+    from bridgerl.train.run import build_run
 
-    run = build_run(peers.bridgerl_config(w, tempfile.mkdtemp(prefix="profile-")))
-    timer = PartTimer(w.device)
+    cfg = peers.bridgerl_config(w, tempfile.mkdtemp(prefix="profile-"))
+    if reward_processes is not None:
+        cfg.rewards.processes = reward_processes
+    run = build_run(cfg)
+    timer = PartTimer(w.device, wall)
     undo = instrument(run, timer)
     per_step: dict[str, list[float]] = defaultdict(list)
     try:
@@ -183,6 +197,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=peers.DEFAULT_LR)
     p.add_argument("--torch-profiler", action="store_true", help="print the top torch ops of the last step")
     p.add_argument("--trl", action="store_true", help="also break down TRL's step on the same work")
+    p.add_argument("--wall", action="store_true", help="wall-clock time (rewards in worker processes: their "
+                                                       "CPU time is not this process's)")
+    p.add_argument("--reward-processes", type=int, help="rewards.processes (default: the config's)")
     p.add_argument("--cache-dir", default=peers.default_cache_dir())
     args = p.parse_args(argv)
     if args.threads and args.device == "cpu":
@@ -201,13 +218,14 @@ def main(argv=None) -> int:
                 "steps": args.steps, "device": args.device, "dtype": args.dtype, "lr": args.lr}))
             t0 = time.perf_counter()
             name = f"{'GRPO' if algo == 'grpo' else 'online DPO'} {size}"
-            rows.append(report(f"bridgerl {name}", profile_work(w, args.skip, args.torch_profiler)))
+            rows.append(report(f"bridgerl {name}", profile_work(w, args.skip, args.torch_profiler, args.wall,
+                                                                args.reward_processes)))
             print(rows[-1], f"[{time.perf_counter() - t0:.0f}s]", flush=True)
             if args.trl:
                 t0 = time.perf_counter()
                 rows.append(report(f"TRL {name}", profile_trl(w, args.skip)))
                 print(rows[-1], f"[{time.perf_counter() - t0:.0f}s]", flush=True)
-    clock = "CPU" if args.device == "cpu" else "wall"
+    clock = "wall" if args.wall or args.device != "cpu" else "CPU"
     print(f"\nmedian {clock} ms per step (share of step); {args.steps - args.skip} steps after {args.skip} warm-up; "
           f"load average {os.getloadavg()[0]:.2f}")
     print("| run | step | " + " | ".join(PARTS) + " | tokens generated / trained |")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bridgerl.data.efficacy import save_scores
-from bridgerl.data.efficacy_config import row_key
+from bridgerl.data.delt import row_key
 from bridgerl.rewards.math import math_reward
 
 

@@ -198,7 +198,7 @@ def test_difficulty_parsing_and_registry():
 
 def test_reasoning_gym_rows():
     pytest.importorskip("reasoning_gym")
-    from bridgerl.rewards.python_fn import reasoning_gym_reward
+    from bridgerl.rewards.reasoning_gym import reasoning_gym_reward
 
     train = builtin_rows("rg:leg_counting", 30, 0, "train")
     test = builtin_rows("rg:leg_counting", 5, 0, "test")

@@ -5,7 +5,7 @@ import torch
 from bridgerl.config import SamplingConfig
 from bridgerl.models import copy_weights_, load_causal_lm
 from bridgerl.rollout.hf import HFGenerator, sample_tokens
-from bridgerl.train.logprobs import token_logprobs
+from bridgerl.rollout.logprobs import token_logprobs
 
 
 def prompts_for(tokenizer, texts):

@@ -4,8 +4,8 @@ import torch
 from bridgerl.config import SamplingConfig
 from bridgerl.models import load_causal_lm
 from bridgerl.rollout.hf import HFGenerator
-from bridgerl.train import logprobs
-from bridgerl.train.logprobs import distinct_prompts, micro_batches, token_logprobs
+from bridgerl.rollout import logprobs
+from bridgerl.rollout.logprobs import distinct_prompts, micro_batches, token_logprobs
 
 
 def sampled_batch(model, tokenizer, n=4):

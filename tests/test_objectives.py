@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridgerl.algos.dpo import build_pairs, dpo_loss, group_dpo_loss
+from bridgerl.algos.dpo import build_pairs, dpo_loss
+from bridgerl.algos.group_dpo import group_dpo_loss
 from bridgerl.algos.grpo import group_advantages, grpo_loss, k3_kl
 
 rewards_strategy = st.lists(st.lists(st.floats(-5, 5, allow_nan=False), min_size=2, max_size=8), min_size=1, max_size=6)
@@ -134,3 +135,10 @@ def test_group_dpo_averages_all_better_worse_pairs():
     assert math.isclose(loss.item(), expected.item(), rel_tol=1e-6) and m["dpo/pairs"] == 2
     equal, m2 = group_dpo_loss(logps, ref, torch.ones(1, 3), beta=1.0)
     assert equal.item() == 0.0 and m2["dpo/pairs"] == 0
+
+
+def test_micro_batch_metrics_reduce_max_keys_by_max():
+    from bridgerl.algos.objective import mean_metrics
+
+    out = mean_metrics([{"ratio/max": 1.5, "kl": 0.2}, {"ratio/max": 3.0, "kl": 0.4}, {"kl": 0.6}])
+    assert out["ratio/max"] == 3.0 and abs(out["kl"] - 0.4) < 1e-12

@@ -24,8 +24,8 @@ from bridgerl.algos.optune import (
     select_prompts,
     select_random,
     selection_keys,
-    wdpo_loss,
 )
+from bridgerl.algos.optune import OPTuneObjective  # noqa: E402
 
 FAST = settings(max_examples=40, deadline=None)
 # Coarse reward grids make ties common, which is where tie-breaking bugs live.
@@ -206,8 +206,8 @@ def test_pool_state_dict_round_trip_json_and_torch():
         assert list(other) == list(pool)  # same entries, same order, int 0 and str "0" kept apart
         assert other.prompt_ids() == [0, "0", 12]
     assert pool["0"].chosen == [5, 6, 7] and pool["0"].version_chosen == 2
-    # A zero-gap pair is stored (the prompt stays selectable) but not trained on.
-    assert [e.prompt_id for e in pool.pairs()] == [0, 12]
+    # A zero-gap pair is stored (the prompt stays selectable); DPO pairing skips it (see below).
+    assert [e.gap > 0 for e in pool] == [True, False, True]
 
 
 def _torch_round_trip(state):
@@ -298,9 +298,10 @@ def test_wdpo_with_beta2_zero_or_equal_gaps_is_plain_dpo(b, seed, scheme):
     plain, plain_m = dpo_loss(*lp, beta=0.1)
     gaps = torch.rand(b, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     for g, beta2 in [(gaps, 0.0), (torch.full((b,), 0.4, dtype=torch.float64), 2.0)]:
-        loss, m = wdpo_loss(*lp, gaps=g, beta=0.1, beta2=beta2, scheme=scheme)
+        w = pair_weights(g, beta2=beta2, scheme=scheme)
+        loss, m = dpo_loss(*lp, beta=0.1, weights=w)
         torch.testing.assert_close(loss, plain, rtol=1e-12, atol=1e-12)
-        assert m["optune/mean_weight"] == 1.0 and m["optune/weight_max"] == 1.0
+        assert w.mean().item() == 1.0 and w.max().item() == 1.0
         assert m["dpo/margin"] == pytest.approx(plain_m["dpo/margin"])
 
 
@@ -308,27 +309,44 @@ def test_wdpo_gradients_flow_through_logps_not_weights():
     b = 6
     lp = _logps(b, 7)
     gaps = torch.tensor([0.1, 0.5, 0.2, 3.0, 1.0, 0.0], dtype=torch.float64, requires_grad=True)
-    loss, m = wdpo_loss(*lp, gaps=gaps, beta=0.1, beta2=1.0)
+    w = pair_weights(gaps, beta2=1.0)
+    loss, _ = dpo_loss(*lp, beta=0.1, weights=w)
     loss.backward()
     assert gaps.grad is None
-    w = pair_weights(gaps.detach(), beta2=1.0)
     # d loss / d chosen_i = w_i / B · d ℓ_i / d chosen_i, with ℓ_i the unweighted per-pair DPO loss.
     lp2 = [t.detach().clone().requires_grad_() for t in lp]
     per_pair, _ = dpo_losses(*lp2, beta=0.1)
     per_pair.sum().backward()
     for t, t2 in zip(lp, lp2):
-        torch.testing.assert_close(t.grad, w * t2.grad / b)
-    assert m["optune/weight_max"] == pytest.approx(w.max().item())
-    assert m["optune/gap_mean"] == pytest.approx(gaps.mean().item())
-    assert m["optune/gap_std"] == pytest.approx(gaps.std(unbiased=False).item())
+        torch.testing.assert_close(t.grad, w.detach() * t2.grad / b)
     # The weights move the loss toward the big-gap pairs, so it differs from plain DPO.
     assert not torch.isclose(loss, dpo_loss(*lp, beta=0.1)[0])
 
 
-def test_wdpo_empty_batch_and_shape_check():
+def test_optune_objective_weights_each_pair_by_its_gap_across_micro_batches():
+    """The loop's path: stored pairs as groups of 2; weights are computed over the whole batch (a softmax
+    over gaps), not per micro-batch, and a zero-gap pair is skipped."""
+    from bridgerl.algos.objective import BatchContext
+    from bridgerl.config import DPOConfig
+    from bridgerl.rollout.types import rollouts_from_tokens
+
+    rewards = torch.tensor([[1.0, 0.0], [0.5, 0.5], [3.0, 0.0], [2.0, 1.5], [1.0, -1.0]])
+    G = len(rewards)
+    pairs = rollouts_from_tokens([[5, 6]] * (2 * G), [[7, 8, 9], [7, 9]] * G, [0] * (2 * G), pad_id=0, n=2)
+    cfg = DPOConfig(optune={"rho": 0.5})
+    ctx = BatchContext(binary=torch.zeros(G, dtype=torch.bool), reference=lambda rows: torch.zeros(len(rows), 3),
+                       policy_version=0, micro_batch=2)  # one pair per micro-batch
+    batch = OPTuneObjective(cfg).make_batch(pairs, rewards, ctx)
+    assert batch.metrics["groups/skipped"] == 1 and len(batch.micro) == 4
+    gaps = torch.cat([m.gaps for m in batch.micro])
+    torch.testing.assert_close(gaps, torch.tensor([1.0, 3.0, 0.5, 2.0]))
+    weights = torch.cat([m.weights for m in batch.micro])
+    torch.testing.assert_close(weights, pair_weights(gaps.double(), 1.0).float())
+    assert weights.mean().item() == pytest.approx(1.0) and weights[1] > weights[3] > weights[0] > weights[2]
+
+
+def test_wdpo_empty_batch():
     empty = [torch.zeros(0, requires_grad=True) for _ in range(4)]
-    loss, m = wdpo_loss(*empty, gaps=torch.zeros(0), beta=0.1)
+    loss, _ = dpo_loss(*empty, beta=0.1, weights=pair_weights(torch.zeros(0)))
     loss.backward()
-    assert loss.item() == 0.0 and m["optune/mean_weight"] == 0.0
-    with pytest.raises(ValueError, match="one gap per pair"):
-        wdpo_loss(*_logps(3, 0), gaps=[1.0, 2.0], beta=0.1)
+    assert loss.item() == 0.0

@@ -59,7 +59,7 @@ def runs(tmp_path):
     online = fake_run(tmp_path / "online", {"name": "dpo"}, 1, [0.1 * k for k in range(1, 13)],
                       {0: (0.2, 0.04), 6: (0.3, 0.05), 12: (0.45, 0.05)})
     offline = fake_run(tmp_path / "offline", {"name": "dpo"}, 0, [0.2] * 12, {0: (0.2, 0.04), 12: (0.25, 0.04)})
-    optune = fake_run(tmp_path / "optune", {"name": "dpo", "exploration": {"rho": 0.5}}, 1, [0.4] * 12,
+    optune = fake_run(tmp_path / "optune", {"name": "dpo", "optune": {"rho": 0.5}}, 1, [0.4] * 12,
                       {0: (0.2, 0.04), 12: (0.35, 0.05)}, optune=True)
     return [online, offline, optune]
 
@@ -127,9 +127,9 @@ def test_regime_names():
     assert regime_name({"algo": {"name": "dpo"}, "rollout": {"sync_every": 0}}) == "offline DPO"
     assert regime_name({"algo": {"name": "dpo"}, "rollout": {"sync_every": 10}}) == "semi-online DPO (s=10)"
     assert regime_name({"algo": {"name": "dpo"}, "rollout": {"sync_every": 1}}) == "online DPO (s=1)"
-    assert regime_name({"algo": {"name": "grpo", "reward_shaping": "variance_increase"},
+    assert regime_name({"algo": {"name": "grpo", "grpovi": {}},
                         "rollout": {"sync_every": 1}}) == "GRPO + VI"
-    assert regime_name({"algo": {"name": "dpo", "exploration": {"rho": 0.5}},
+    assert regime_name({"algo": {"name": "dpo", "optune": {"rho": 0.5}},
                         "rollout": {"sync_every": 1}}).startswith("OPTune")
 
 

@@ -9,7 +9,7 @@ import torch
 from bridgerl.cli import main
 from bridgerl.config import load_config
 from bridgerl.train.loop import optimizer_step, train_step
-from bridgerl.train.setup import build_run
+from bridgerl.train.run import build_run
 
 BASE = [
     "data.train=builtin:arithmetic", "data.num_train=24", "data.num_eval=8", "data.prompts_per_step=4",
@@ -108,24 +108,41 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir, sync)
     assert comparable(step_lines(tmp_path / "full")) == comparable(step_lines(tmp_path / "half"))
 
 
+def test_resume_refuses_a_config_that_changes_the_run(tmp_path, tiny_model_dir, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir)
+    common = BASE + ["eval.at_start=false", "train.steps=2"]
+    out = str(tmp_path / "run")
+    assert main(["train", str(cfg), *common, "--out", out]) == 0
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    changed = ["optim.lr=5e-4", "rollout.n=2"]
+    assert main(["train", str(cfg), *common, *changed, "train.steps=3", "--out", out, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr" in err and "rollout.n" in err and "--force" in err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before  # nothing was touched
+    # train.steps and eval settings may change on resume; --force accepts the rest
+    assert main(["train", str(cfg), *common, "train.steps=3", "eval.max_prompts=4", "--out", out, "--resume"]) == 0
+    assert main(["train", str(cfg), *common, *changed, "train.steps=4", "--out", out, "--resume", "--force"]) == 0
+    assert [m["step"] for m in step_lines(tmp_path / "run")] == [1, 2, 3, 4]
+
+
 def test_kill_during_checkpoint_write_resumes_from_last_good(tmp_path, tiny_model_dir, monkeypatch):
     import bridgerl.train.checkpoint as ckpt
 
     cfg = write_config(tmp_path, tiny_model_dir)
     common = BASE + ["rollout.sync_every=2", "eval.at_start=false", "train.checkpoint_every=1", "train.steps=4"]
-    real_save = torch.save
+    real_write = ckpt._write
 
-    def dying_save(obj, path, *a, **k):
+    def dying_write(path, data):
         if "step-0000003" in str(path):
-            Path(path).write_bytes(b"half a checkpoint")
+            Path(path).write_bytes(data[: len(data) // 2])  # half a checkpoint
             raise KeyboardInterrupt("killed while writing")
-        return real_save(obj, path, *a, **k)
+        return real_write(path, data)
 
-    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    monkeypatch.setattr(ckpt, "_write", dying_write)
     with pytest.raises(KeyboardInterrupt):
         main(["train", str(cfg), *common, "--out", str(tmp_path / "killed")])
     assert ckpt.latest_checkpoint(tmp_path / "killed").name == "step-0000002"
-    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    monkeypatch.setattr(ckpt, "_write", real_write)
     assert main(["train", str(cfg), *common, "--out", str(tmp_path / "killed"), "--resume"]) == 0
     assert main(["train", str(cfg), *common, "--out", str(tmp_path / "clean")]) == 0
     assert comparable(step_lines(tmp_path / "killed")) == comparable(step_lines(tmp_path / "clean"))
@@ -180,22 +197,22 @@ def test_nonfinite_gradient_skips_the_update(tmp_path, tiny_model_dir):
     assert all(torch.equal(a, b) for a, b in zip(before, run.policy.parameters()))
 
 
-def test_grpovi_shaping_in_the_loop_raises_variance_and_keeps_mean(tmp_path, tiny_model_dir):
+def test_grpovi_in_the_loop_raises_variance_and_keeps_mean(tmp_path, tiny_model_dir):
     from bridgerl.rewards.partial import partial_credit
 
     assert partial_credit("19", "19") == 1.0 and partial_credit("x", "19") == 0.0
     assert 0.1 <= partial_credit("15", "19") < 1.0
     cfg = load_config(write_config(tmp_path, tiny_model_dir), BASE + [
-        "algo.name=grpo", "algo.reward_shaping=variance_increase", "rewards.tasks.arithmetic.kind=partial",
+        "algo.name=grpo", "algo.grpovi={}", "rewards.tasks.arithmetic.kind=partial",
         f"train.out_dir={tmp_path / 'vi'}"])
     run = build_run(cfg)
-    from bridgerl.train.loop import Timer, reference_for, rollouts_for
-    from bridgerl.train.shaping import shape_rewards
+    from bridgerl.train.loop import Timer, grpovi, reference_for
+    from bridgerl.train.loop import sample_batch
 
     rows = run.stream.next_batch()
-    batch, rewards, _ = rollouts_for(run, rows, Timer())
+    rollouts, _, _ = sample_batch(run, rows, Timer())
     rewards = torch.rand(len(rows), cfg.rollout.n)  # graded rewards with a spread in every group
-    shaped, m = shape_rewards(run, rows, rewards, reference_for(run, batch, rewards))
+    shaped, m = grpovi(run, rows, rewards, reference_for(run, rollouts))
     assert m["reward/var_after"] >= m["reward/var_before"]
     assert ((shaped >= 0) & (shaped <= 1)).all()
     metrics = train_step(run)
@@ -212,42 +229,51 @@ def test_grpo_reads_reference_logprobs_once_per_batch(tmp_path, tiny_model_dir):
     """GRPOVI's p and the KL term share one reference pass; when the reference holds the sampling
     weights (here: rows from the seed model) the sampler's own log-probs stand in and no pass runs."""
     cfg = load_config(write_config(tmp_path, tiny_model_dir), BASE + [
-        "algo.name=grpo", "algo.beta=0.1", "algo.reward_shaping=variance_increase", "train.micro_batch=4",
+        "algo.name=grpo", "algo.beta=0.1", "algo.grpovi={}", "train.micro_batch=4",
         "rollout.temperature=1.5", f"train.out_dir={tmp_path / 'ref'}"])
     run = build_run(cfg)
     calls = count_forwards(run.reference)
-    from bridgerl.train.loop import Timer, reference_for, rollouts_for
-    from bridgerl.train.shaping import shape_rewards
-    from bridgerl.train.updates import grpo_update, reference_logprobs
+    from bridgerl.algos.objective import BatchContext
+    from bridgerl.rollout.logprobs import ReferenceLogprobs
+    from bridgerl.train.loop import Timer, grpovi, reference_for, update_policy
+    from bridgerl.train.loop import sample_batch
 
     rows, n = run.stream.next_batch(), cfg.rollout.n
-    batch, _, _ = rollouts_for(run, rows, Timer())
+    rollouts, _, _ = sample_batch(run, rows, Timer())
     rewards = torch.rand(len(rows), n)
-    given = reference_for(run, batch, rewards)
-    assert calls[0] == 0 and given is batch.gen_logprobs
-    everything = reference_logprobs(run.reference, batch, torch.arange(len(rows) * n), 4, n)
-    assert torch.allclose(given, everything, atol=1e-4)  # the stand-in equals a real reference pass
+    everything_rows = torch.arange(len(rows) * n)
+    given = reference_for(run, rollouts)
+    assert given.stand_in and torch.equal(given(everything_rows), rollouts.gen_logprobs) and calls[0] == 0
+    everything = ReferenceLogprobs(run.reference, rollouts, 4, stand_in=False)(everything_rows)
+    assert torch.allclose(given(everything_rows), everything, atol=1e-4)  # the stand-in equals a real pass
 
     run.generator.load_weights(run.policy, 1)  # rows from other weights than the reference's
-    batch, _, _ = rollouts_for(run, rows, Timer())
+    rollouts, _, _ = sample_batch(run, rows, Timer())
     rewards[0] = 0.5  # a group without spread: neither shaped nor trained, so no reference pass
     calls[0] = 0
-    ref = reference_for(run, batch, rewards)
+    ref = reference_for(run, rollouts)
+    shaped, _ = grpovi(run, rows, rewards, ref)
     chunks = -(-(len(rows) - 1) * n // 4)
     assert 0 < calls[0] <= 2 * chunks  # a prompt prefill + a completion pass per micro-batch at most
-    assert (ref[:n] == 0).all() and (ref[n:] != 0).any()
-    shaped, _ = shape_rewards(run, rows, rewards, ref)
+    assert not ref.done[:n].any() and ref.done[n:].all()
     before = calls[0]
-    shared = grpo_update(run.policy, run.reference, batch, shaped, cfg.algo, 4, 1, lambda: {}, ref)
-    assert calls[0] == before  # the update reads them, it does not recompute them
-    run.policy.zero_grad()
-    own = grpo_update(run.policy, run.reference, batch, shaped, cfg.algo, 4, 1, lambda: {})
+
+    def update(reference):
+        ctx = BatchContext(binary=torch.zeros(len(rows), dtype=torch.bool), reference=reference,
+                           policy_version=1, micro_batch=4)
+        return update_policy(run, run.objective.make_batch(rollouts, shaped, ctx))
+
+    state = {k: v.clone() for k, v in run.policy.state_dict().items()}
+    shared = update(ref)
+    assert calls[0] == before  # the objective reads them, it does not recompute them
+    run.policy.load_state_dict(state)
+    own = update(ReferenceLogprobs(run.reference, rollouts, 4, stand_in=False))
     assert calls[0] > before and own["loss"] == pytest.approx(shared["loss"], abs=1e-5)
 
 
 @pytest.mark.parametrize("sync,ref_sync,extra,passes", [
     (0, "never", [], False), (1, "with_generator", [], False), (1, "never", [], True),
-    (1, "with_generator", ["algo.exploration={rho: 1.0}"], True)])  # OPTune's stored pairs carry no sampler log-probs
+    (1, "with_generator", ["algo.optune={rho: 1.0}"], True)])  # OPTune's stored pairs carry no sampler log-probs
 def test_dpo_skips_the_reference_pass_when_it_holds_the_sampling_weights(tmp_path, tiny_model_dir, sync,
                                                                          ref_sync, extra, passes):
     reward = tmp_path / "length.py"  # graded by length: every group has a best and a worst
@@ -266,11 +292,11 @@ def test_dpo_skips_the_reference_pass_when_it_holds_the_sampling_weights(tmp_pat
 @pytest.mark.parametrize("rho", [0.0, 1.0])
 def test_optune_regenerates_rho_of_known_prompts(tmp_path, tiny_model_dir, rho):
     cfg = load_config(write_config(tmp_path, tiny_model_dir), BASE + [
-        "data.num_train=4", f"algo.exploration={{rho: {rho}}}", f"train.out_dir={tmp_path / 'opt'}"])
+        "data.num_train=4", f"algo.optune={{rho: {rho}}}", f"train.out_dir={tmp_path / 'opt'}"])
     run = build_run(cfg)
     first = train_step(run)
     assert first["optune/prompts_regenerated"] == 4  # a prompt with no pair yet is always sampled
-    pool = run.extras["optune"]
+    pool = run.optune_pool
     before = {pid: pool[pid] for pid in pool.prompt_ids()}
     second = train_step(run)
     assert second["optune/prompts_regenerated"] == 4 * rho
@@ -306,8 +332,8 @@ def test_lora_policy_trains_and_saves_an_adapter(tmp_path, tiny_model_dir):
 
 def test_efficacy_scores_select_and_order_the_prompt_stream(tmp_path, tiny_model_dir):
     from bridgerl.data.efficacy import fold_order
-    from bridgerl.data.efficacy_config import write_scores
-    from bridgerl.train.setup import build_rows
+    from bridgerl.data.delt import write_scores
+    from bridgerl.train.run import build_rows
 
     scores = [float(s) for s in torch.randperm(24)]
     rows, _ = build_rows(load_config(write_config(tmp_path, tiny_model_dir), BASE))

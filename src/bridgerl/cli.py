@@ -19,6 +19,8 @@ HELP = """bridgerl: RL post-training of language models, offline to online in on
   bridgerl report RUN_DIR... [--out DIR]              report.md + plots comparing any runs
 
 Every config key can be overridden on the command line, e.g. rollout.sync_every=10 algo.beta=0.1.
+A mistake in a config, path, data row or reward function prints one line and exits with code 2;
+add --debug to see the traceback.
 Run `bridgerl COMMAND --help` for the options of each command.
 """
 
@@ -38,11 +40,12 @@ def _load(command: str, cls_name: str, args):
     try:
         return config.load_typed(getattr(config, cls_name), args.config, args.overrides)
     except (config.ConfigError, FileNotFoundError) as err:
-        print(f"bridgerl {command}: {err}", file=sys.stderr)
+        print(f"bridgerl {command}: error: {_user_error(err)}", file=sys.stderr)
         return None
 
 
 def cmd_train(args) -> int:
+    from .config import check_paths
     from .train.loop import train
 
     cfg = _load("train", "Config", args)
@@ -50,8 +53,15 @@ def cmd_train(args) -> int:
         return 2
     if args.out:
         cfg.train.out_dir = args.out
+    check_paths(cfg)
     _quiet_transformers()
-    run = train(cfg, resume=args.resume)
+    from .train.checkpoint import ResumeConfigError
+
+    try:
+        run = train(cfg, resume=args.resume, force=args.force)
+    except ResumeConfigError as err:
+        print(f"bridgerl train: {err}", file=sys.stderr)
+        return 2
     print(f"[bridgerl] done: {run.step} steps; metrics in {run.out_dir / 'metrics.jsonl'}")
     return 0
 
@@ -59,7 +69,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .config import load_config
     from .train.evaluate import evaluate
-    from .train.setup import build_run
+    from .train.run import build_run
 
     _quiet_transformers()
     overrides = [f"model.path={args.model}", f"data.train={args.task}", f"data.num_eval={args.num}",
@@ -74,7 +84,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    from .train.sft import sft
+    from .supervised.sft import sft
 
     cfg = _load("sft", "SFTConfig", args)
     if cfg is None:
@@ -85,7 +95,7 @@ def cmd_sft(args) -> int:
 
 
 def cmd_rm(args) -> int:
-    from .train.sft import train_reward_model
+    from .supervised.rm import train_reward_model
 
     cfg = _load("rm", "RMConfig", args)
     if cfg is None:
@@ -98,7 +108,7 @@ def cmd_rm(args) -> int:
 
 def cmd_score(args) -> int:
     """Score training rows (RL prompts, or SFT samples with --sft) and write a scores file."""
-    from .data import efficacy_config as eff
+    from .data import delt as eff
 
     cfg = _load("score", "SFTConfig" if args.sft else "Config", args)
     if cfg is None:
@@ -106,12 +116,12 @@ def cmd_score(args) -> int:
     _quiet_transformers()
     if args.sft:
         from .models import load_causal_lm, load_tokenizer
-        from .train.sft import sft_rows
+        from .supervised.sft import sft_rows
 
         model, tokenizer = load_causal_lm(cfg.model.path), load_tokenizer(cfg.model.path)
         rows, source, seed = sft_rows(cfg), cfg.data.train, cfg.seed
     else:
-        from .train.setup import build_run
+        from .train.run import build_run
 
         run = build_run(cfg)
         model, tokenizer, rows, source, seed = run.policy, run.tokenizer, run.train_rows, cfg.data.train, cfg.train.seed
@@ -131,7 +141,7 @@ def cmd_score(args) -> int:
         if args.sft:
             print("bridgerl score: pass_rate scores RL prompts; use --scorer loss or lqs with --sft", file=sys.stderr)
             return 2
-        scores = eff.pass_rate(run, rows)
+        scores = eff.pass_rate(run.generator, run.rewarder, tokenizer, rows, cfg.rollout, seed, run.device)
     path = eff.write_scores(args.out, scores, rows)
     print(f"[bridgerl] {len(scores)} {args.scorer} scores written to {path} (histogram: {path.with_suffix('.png')}); "
           f"use them with data.efficacy.scores_file={path}")
@@ -139,7 +149,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_monitor(args) -> int:
-    from .train.monitoring import monitor_run
+    from .report.pathways import monitor_run
 
     _quiet_transformers()
     try:
@@ -196,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file (see examples/)")
     p.add_argument("overrides", nargs="*", help="a.b.c=value overrides")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--force", action="store_true", help="with --resume: accept a config that changes the run")
     p.add_argument("--out", help="run folder (overrides train.out_dir)")
     p.set_defaults(func=cmd_train)
 
@@ -270,7 +281,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error(err: BaseException) -> str | None:
+    """One line for a mistake the user can fix (bad config, path, data row, reward function,
+    checkpoint), or None for anything else (a bug: its traceback is what helps)."""
+    from .config import ConfigError
+    from .data.formats import DataError
+    from .train.checkpoint import CheckpointError
+
+    if isinstance(err, (ConfigError, DataError, CheckpointError, FileNotFoundError, OSError)):
+        text = str(err)
+    elif isinstance(err, (ImportError, AttributeError, TypeError, ValueError)) and "reward function" in str(err):
+        text = str(err)  # rewards/python_fn.load_callable: the message names the 'module:function'
+    else:
+        return None
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if lines and lines[0].endswith(":") and len(lines) > 1:  # "invalid config:" + one line per problem
+        return lines[0] + " " + "; ".join(lines[1:])
+    return " ".join(lines)[:600] or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere on the line: show the full traceback of a user error
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     # Overrides may come before or after flags: `score cfg --sft a.b=1` leaves a.b=1 unparsed.
     args, extra = parser.parse_known_args(argv)
@@ -284,7 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as err:  # noqa: BLE001 — sorted into user mistakes (one line) and bugs (traceback)
+        line = _user_error(err)
+        if line is None or debug:
+            raise
+        print(f"bridgerl {args.command}: error: {line} (run with --debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ combinations are refused before any model loads, with the key path and what is a
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -43,6 +45,14 @@ class SamplingConfig(Strict):
     max_new_tokens: int = Field(64, gt=0)
 
 
+class DynamicSamplingConfig(Strict):
+    """Groups whose rewards have no spread carry no GRPO gradient; sample more prompts instead."""
+    max_rounds: int = Field(0, ge=0, description="extra sampling rounds per step to fill prompts_per_step "
+                                                 "informative groups; 0 = off")
+    tol: float = Field(0.0, ge=0, description="a group is informative when max − min reward exceeds this "
+                                              "(0 for 0/1 rewards; a small value for continuous ones)")
+
+
 class RolloutConfig(SamplingConfig):
     sync_every: int = Field(1, ge=0, description="1 online, k semi-online, 0 never (offline)")
     n: int = Field(8, ge=2, description="samples per prompt")
@@ -50,10 +60,14 @@ class RolloutConfig(SamplingConfig):
     batch_size: int = Field(256, gt=0, description="sequences per generation call")
     fast_decode: bool = Field(True, description="Llama/Qwen2: decode with plain torch ops (rollout/decode.py); "
                                                 "false: always the model's own forward")
+    dynamic_sampling: DynamicSamplingConfig = Field(
+        DynamicSamplingConfig(), description="DAPO's dynamic sampling: refill the batch with informative groups")
+    max_staleness: int | None = Field(None, ge=0, description="drop samples more than k weight versions older than "
+                                                              "the policy (counted); null = unbounded")
 
 
 class OPTuneConfig(Strict):
-    kind: Literal["optune"] = "optune"
+    """OPTune (algorithms.md §2): regenerate the lowest-key prompts, train wDPO on the pool's pairs."""
     rho: float = Field(0.5, ge=0, le=1, description="fraction of prompts regenerated per round")
     key: Literal["chosen_reward", "reward_gap", "random"] = Field(
         "chosen_reward", description="regenerate the lowest-key prompts; random is the same-count baseline")
@@ -67,12 +81,24 @@ class DPOConfig(Strict):
     beta: float = Field(0.1, gt=0)
     pairs: Literal["auto", "random", "best_worst"] = Field(
         "auto", description="auto: random correct-vs-incorrect for binary tasks, best-vs-worst otherwise")
-    group: bool = Field(False, description="GroupDPO: average over all better-vs-worse pairs")
     nll_coef: float = Field(0.0, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
     length_normalize: bool = False
     reduction: Literal["mean", "sum"] = "mean"
-    exploration: OPTuneConfig | None = None
+    optune: OPTuneConfig | None = Field(None, description="OPTune: selective regeneration + wDPO")
+
+
+class GroupDPOConfig(Strict):
+    """GroupDPO: the DPO loss averaged over every better-vs-worse pair of a group."""
+    name: Literal["group_dpo"] = "group_dpo"
+    beta: float = Field(0.1, gt=0)
+    length_normalize: bool = False
+
+
+class GRPOVIConfig(Strict):
+    """GRPOVI (algorithms.md §3): raise each group's reward variance before the advantages."""
+    probs: Literal["reference", "uniform"] = Field("reference", description="p: softmax of the reference's "
+                                                   "sequence log-probs, or uniform")
 
 
 class GRPOConfig(Strict):
@@ -84,11 +110,43 @@ class GRPOConfig(Strict):
     importance: Literal["clip", "truncate"] = "clip"
     clip_eps: float = Field(0.2, gt=0)
     truncate_max: float = Field(2.0, gt=1)
-    reward_shaping: Literal["none", "variance_increase"] = "none"
-    shaping_probs: Literal["reference", "uniform"] = "reference"
+    grpovi: GRPOVIConfig | None = None
+    loss: Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo"] = Field(
+        "grpo", description="policy loss variant (algos/policy_loss.py); grpo honours importance and aggregation, "
+                            "the others fix their own")
+    clip_eps_high: float | None = Field(None, gt=0, description="upper clip ε (clip-higher); null = clip_eps, "
+                                                                "except loss=dapo: 0.28 (the DAPO paper)")
+    gspo_clip_eps: float = Field(3e-4, gt=0, description="GSPO's lower clip on the sequence ratio (paper: 3e-4)")
+    gspo_clip_eps_high: float = Field(4e-4, gt=0, description="GSPO's upper clip (paper: 4e-4)")
+    rollout_correction: Literal["none", "token_tis", "seq_mask"] = Field(
+        "none", description="train/infer mismatch: token_tis weights tokens by min(π_train/π_gen, C); seq_mask "
+                            "drops sequences whose geometric-mean ratio leaves [1/C, C] (algos/correction.py)")
+    correction_threshold: float = Field(2.0, gt=1, description="C of rollout_correction")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dapo_clip_higher(cls, data):
+        # DAPO without clip-higher is not DAPO; the paper's ε_high fills in when none is given.
+        if isinstance(data, dict) and data.get("loss") == "dapo" and data.get("clip_eps_high") is None:
+            data = {**data, "clip_eps_high": 0.28}
+        return data
+
+    @model_validator(mode="after")
+    def _variant_knobs(self):
+        if self.loss != "grpo" and self.importance != "clip":
+            raise ValueError(f"algo.importance={self.importance} applies to algo.loss=grpo only; loss={self.loss} fixes "
+                             "its own ratio treatment (cispo is the truncated one, capped at truncate_max)")
+        if self.loss != "grpo" and self.aggregation != "sum":
+            raise ValueError(f"algo.aggregation={self.aggregation} applies to algo.loss=grpo only; loss={self.loss} "
+                             "fixes its own (dapo/cispo: token mean, dr_grpo: max_new_tokens × sequences, gspo: "
+                             "sequence mean); drop algo.aggregation")
+        if self.loss in ("gspo", "cispo") and self.clip_eps_high is not None:
+            raise ValueError(f"algo.clip_eps_high is not read by loss={self.loss}: gspo clips with gspo_clip_eps and "
+                             "gspo_clip_eps_high, cispo caps its weight at truncate_max")
+        return self
 
 
-AlgoConfig = Annotated[Union[DPOConfig, GRPOConfig], Field(discriminator="name")]
+AlgoConfig = Annotated[Union[DPOConfig, GroupDPOConfig, GRPOConfig], Field(discriminator="name")]
 
 
 class TaskRewardConfig(Strict):
@@ -122,7 +180,10 @@ class TaskRewardConfig(Strict):
 class RewardsConfig(Strict):
     tasks: dict[str, TaskRewardConfig] = Field(default_factory=lambda: {"arithmetic": TaskRewardConfig(kind="math")})
     failure_score: float = 0.0
-    timeout_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(10.0, gt=0, description="per call (per sample for math and reasoning_gym); "
+                                                    "a call past it is killed and scores failure_score")
+    processes: int = Field(2, ge=0, description="worker processes for math, reasoning_gym and python rewards; "
+                                                "0 runs them in the trainer process (a hang cannot be killed)")
 
 
 class EfficacyConfig(Strict):
@@ -159,6 +220,21 @@ class OptimConfig(Strict):
     grad_clip: float = Field(1.0, ge=0, description="0 = off")
 
 
+class AlarmsConfig(Strict):
+    """Collapse detectors (train/alarms.py); None turns one off."""
+    entropy_min: float | None = Field(0.02, ge=0, description="mean sampler token entropy (nats) below this ...")
+    entropy_steps: int = Field(5, ge=1, description="... for this many steps in a row")
+    length_share: float | None = Field(0.5, ge=0, le=1, description="share of samples cut at max_new_tokens above this ...")
+    length_steps: int = Field(5, ge=1, description="... for this many steps in a row")
+    reward_std_min: float | None = Field(None, ge=0, description="batch reward std below this (e.g. 1e-6) ...")
+    reward_steps: int = Field(10, ge=1, description="... for this many steps in a row")
+    reward_z: float | None = Field(8.0, gt=0, description="mean reward this many running sds from its running mean")
+    reward_warmup: int = Field(10, ge=1, description="steps of baseline before reward_z applies")
+    reward_abs_max: float | None = Field(None, gt=0, description="|mean reward| above this is an explosion")
+    rollback_lr_factor: float = Field(0.5, gt=0, lt=1, description="on_collapse=rollback: lr multiplier")
+    max_rollbacks: int = Field(3, ge=0, description="on_collapse=rollback: after this many, stop")
+
+
 class TrainConfig(Strict):
     steps: int = Field(100, gt=0)
     seed: int = 0
@@ -171,6 +247,17 @@ class TrainConfig(Strict):
     mixed_precision: Literal["no", "bf16"] = Field(
         "no", description="bf16: fp32 weights and optimizer, training forwards under bf16 autocast, "
                           "generator and reference held in bf16")
+    alarms: AlarmsConfig = AlarmsConfig()
+    on_collapse: Literal["warn", "stop", "rollback"] = Field(
+        "warn", description="when an alarm fires: log it; stop the run; or restore the last checkpoint "
+                            "with a lower lr (train.alarms.rollback_lr_factor)")
+
+    @model_validator(mode="after")
+    def _rollback_needs_checkpoints(self):
+        if self.on_collapse == "rollback" and self.checkpoint_every == 0:
+            raise ValueError("train.on_collapse=rollback returns to the last checkpoint, but train.checkpoint_every=0 "
+                             "writes none before the end; set train.checkpoint_every (e.g. 10)")
+        return self
 
 
 class EvalConfig(SamplingConfig):
@@ -217,8 +304,19 @@ class Config(Strict):
         if self.reference.sync == "with_generator" and self.rollout.sync_every == 0:
             raise ValueError("reference.sync=with_generator never fires when rollout.sync_every=0 (offline); "
                              "use reference.sync=never or a sync_every >= 1")
-        if isinstance(self.algo, DPOConfig) and self.algo.exploration is not None and self.algo.group:
-            raise ValueError("algo.exploration (OPTune) keeps one pair per prompt; it cannot be combined with algo.group=true")
+        if isinstance(self.algo, DPOConfig) and self.algo.optune is not None and (
+                self.rollout.dynamic_sampling.max_rounds or self.rollout.max_staleness is not None):
+            raise ValueError("algo.optune trains on its stored pool of pairs, which rollout.dynamic_sampling and "
+                             "rollout.max_staleness do not select from; drop them or algo.optune")
+        k = self.rollout.max_staleness
+        if k is not None and self.rollout.sync_every == 0:
+            raise ValueError(f"rollout.max_staleness={k} with rollout.sync_every=0 (offline): every sample comes "
+                             f"from the seed weights, so all would be dropped after step {k}; use sync_every >= 1 "
+                             "or max_staleness=null")
+        if k is not None and self.rollout.sync_every > k + 1:
+            raise ValueError(f"rollout.max_staleness={k} with rollout.sync_every={self.rollout.sync_every}: the last "
+                             f"{self.rollout.sync_every - 1 - k} steps of every sync window would train on nothing; "
+                             f"use sync_every <= {k + 1} or a larger max_staleness")
         if self.train.mixed_precision != "no" and self.model.dtype != "float32":
             raise ValueError(f"train.mixed_precision={self.train.mixed_precision} keeps fp32 master weights, so it needs "
                              f"model.dtype=float32 (got {self.model.dtype}); for pure {self.model.dtype} training "
@@ -228,6 +326,41 @@ class Config(Strict):
 
 class ConfigError(ValueError):
     """A config the user must fix; the message names the key path and what is allowed."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def missing_path(value: str) -> bool:
+    """True for a local path that does not exist; a hub id ("org/name") is not a local path."""
+    if Path(value).expanduser().exists():
+        return False
+    return not _HUB_ID.match(value) or value.endswith((".py", ".jsonl", ".json", ".csv", ".parquet"))
+
+
+def check_paths(cfg: "Config") -> None:
+    """Refuse, before anything loads, model/reference/reward-model paths that point nowhere."""
+    found = [("model.path", cfg.model.path), ("reference.path", cfg.reference.path)]
+    found += [(f"rewards.tasks.{name}.path", t.path) for name, t in cfg.rewards.tasks.items() if t.kind == "model"]
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    for key, value in found:
+        if not value:
+            continue
+        if missing_path(value):
+            raise ConfigError(f"config key '{key}' = {value!r}: no such folder (nor a hub id like 'org/name'); "
+                              "give a folder with config.json and weights, e.g. one written by `bridgerl tiny`")
+        if offline and not Path(value).expanduser().exists() and not _in_hub_cache(value):
+            raise ConfigError(f"config key '{key}' = {value!r}: no such folder, and as a hub id it is not in the "
+                              "local cache while HF_HUB_OFFLINE=1; fix the path or download the model first")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return any(r.repo_id == repo_id for r in scan_cache_dir().repos)
+    except Exception:  # noqa: BLE001 — no cache folder yet, or an old huggingface_hub
+        return False
 
 
 def _fields_at(model_cls: type[BaseModel] | None, path: tuple) -> tuple[type[BaseModel] | None, list[str]]:
@@ -255,13 +388,13 @@ def _explain(err: ValidationError, raw: dict, root: type[BaseModel] | None = Non
     root = root or Config
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("dpo", "grpo") and e["loc"][0] == "algo"))
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("dpo", "group_dpo", "grpo") and e["loc"][0] == "algo"))
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             parent = loc[:-1]
             if parent and parent[0] == "algo":
                 name = (raw.get("algo") or {}).get("name", "dpo")
-                cls_algo = GRPOConfig if name == "grpo" else DPOConfig
+                cls_algo = {"grpo": GRPOConfig, "group_dpo": GroupDPOConfig}.get(name, DPOConfig)
                 cls, allowed = _fields_at(cls_algo, parent[1:])
             else:
                 cls, allowed = _fields_at(root, parent)

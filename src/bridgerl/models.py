@@ -122,10 +122,12 @@ def make_tiny_model(path: str | os.PathLike, arch: str = "llama", size: str = "m
     return path
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, gguf_file: str | None = None):
+    """A tokenizer ready for batched generation: left padding, a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -1,8 +1,15 @@
-"""DPO: pair building and the loss (algorithms.md §1.3). Pure functions of tensors."""
+"""DPO (algorithms.md §1.3): pair building and the loss as pure functions of tensors, and the
+objective that turns groups of rollouts into pairs, micro-batches and that loss (+ NLL / entropy)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..rollout.logprobs import token_logprobs
+from ..rollout.types import Rollouts
+from .objective import BatchContext, TrainBatch
 
 
 def build_pairs(rewards: torch.Tensor, binary: torch.Tensor, generator: torch.Generator | None = None):
@@ -68,22 +75,66 @@ def dpo_loss(
     return loss, metrics
 
 
-def group_dpo_loss(
-    logps: torch.Tensor,  # [G, n] summed policy log-probs of every response
-    ref_logps: torch.Tensor,  # [G, n]
-    rewards: torch.Tensor,  # [G, n]
-    beta: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """GroupDPO (§1.3 ablation): the DPO loss averaged over every (better, worse) pair of a group,
-    then over groups that have at least one such pair. Returns the sum over groups; the caller
-    divides by the number of groups in the whole batch."""
-    delta = logps - ref_logps  # [G, n]
-    margin = beta * (delta[:, :, None] - delta[:, None, :])  # [G, i, j]: i preferred over j
-    better = (rewards[:, :, None] > rewards[:, None, :]).to(logps.dtype)
-    count = better.sum(dim=(1, 2))
-    per_group = (-F.logsigmoid(margin) * better).sum(dim=(1, 2)) / count.clamp(min=1)
-    has_pair = count > 0
-    loss = per_group[has_pair].sum() if has_pair.any() else logps.sum() * 0.0
-    with torch.no_grad():
-        acc = ((margin > 0).to(logps.dtype) * better).sum() / better.sum().clamp(min=1)
-    return loss, {"dpo/pairs": better.sum().item(), "dpo/accuracy": acc.item()}
+def sequence_logps(token_logps: torch.Tensor, lengths: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """[S, T] → [S]: summed over tokens (the paper's default) or their mean."""
+    summed = token_logps.sum(dim=1)
+    return summed / lengths if normalize else summed
+
+
+@dataclass
+class DPOMicro:
+    rollouts: Rollouts  # [2k]: the k chosen rows, then their k rejected rows
+    ref_logps: torch.Tensor  # [2k, T] reference token log-probs of the same rows
+    gaps: torch.Tensor  # [k] reward gaps r(chosen) − r(rejected) > 0
+    num_pairs: int  # P, the pairs of the whole batch (the mean's denominator)
+    weights: torch.Tensor | None = None  # [k] per-pair weights (OPTune's wDPO), detached
+
+
+class DPOObjective:
+    """One (chosen, rejected) pair per group: random correct-vs-incorrect for binary tasks, best-vs-worst
+    otherwise (`algo.pairs`); groups whose rewards are all equal give no pair."""
+
+    passes = 1
+    needs_reference = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def make_batch(self, rollouts: Rollouts, rewards: torch.Tensor, ctx: BatchContext) -> TrainBatch:
+        G, n = rewards.shape
+        binary = ctx.binary if self.cfg.pairs == "auto" else torch.full_like(ctx.binary, self.cfg.pairs == "random")
+        valid, chosen, rejected = build_pairs(rewards.cpu(), binary.cpu(), ctx.rng)
+        groups = valid.nonzero().squeeze(1)
+        batch = TrainBatch(metrics={"groups/skipped": float(G - len(groups))})
+        if len(groups) == 0:
+            return batch
+        P = len(groups)
+        chosen_rows, rejected_rows = groups * n + chosen[groups], groups * n + rejected[groups]
+        gaps = rewards.cpu()[groups, chosen[groups]] - rewards.cpu()[groups, rejected[groups]]
+        ref = ctx.reference(torch.cat([chosen_rows, rejected_rows]))  # [2P, T]: one pass for the batch
+        trained = 0.0
+        for chunk in torch.arange(P).split(max(1, ctx.micro_batch // 2)):
+            mb = rollouts.select(torch.cat([chosen_rows[chunk], rejected_rows[chunk]]))
+            width = mb.completion_ids.shape[1]
+            ref_mb = torch.cat([ref[chunk.to(ref.device)], ref[(chunk + P).to(ref.device)]])[:, :width]
+            batch.micro.append(DPOMicro(mb, ref_mb, gaps[chunk], P))
+            trained += float(mb.completion_mask.sum().item())
+        batch.metrics |= {"dpo/pairs": float(P), "tokens/trained": trained}
+        return batch
+
+    def loss(self, policy: torch.nn.Module, m: DPOMicro) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg, k = self.cfg, len(m.gaps)
+        lengths = m.rollouts.completion_mask.sum(dim=1).clamp(min=1)
+        need_entropy = cfg.entropy_coef > 0
+        logps, entropy = token_logprobs(policy, m.rollouts, with_entropy=need_entropy)
+        seq = sequence_logps(logps, lengths, cfg.length_normalize)
+        ref_seq = sequence_logps(m.ref_logps, lengths, cfg.length_normalize)
+        loss, metrics = dpo_loss(seq[:k], seq[k:], ref_seq[:k], ref_seq[k:], cfg.beta, weights=m.weights,
+                                 reduction="sum")
+        if cfg.reduction == "mean":
+            loss = loss / m.num_pairs
+        if cfg.nll_coef:  # λ_NLL · NLL(y_c) / #tokens
+            loss = loss + cfg.nll_coef * (-(logps[:k].sum(dim=1) / lengths[:k])).sum() / m.num_pairs
+        if need_entropy:  # − c_H · H̄ of the chosen response
+            loss = loss - cfg.entropy_coef * (entropy[:k].sum(dim=1) / lengths[:k]).sum() / m.num_pairs
+        return loss, metrics

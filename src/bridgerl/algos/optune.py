@@ -7,8 +7,8 @@ Pure parts, no model or config inside:
 - Selection: `selection_keys` + `select_for_regeneration` (the ⌈ρ|P|⌉ lowest keys) and the
   `select_random` baseline at the same count; `select_prompts` dispatches on the config's key.
 - Merge: `merge_candidates` picks (argmax, argmin) over new samples ∪ the old pair.
-- wDPO: `pair_weights` (mean-1, detached, non-decreasing in the gap) and `wdpo_loss`, which
-  reuses `dpo_loss(..., weights=...)` rather than restating the DPO formula.
+- wDPO: `pair_weights` (mean-1, detached, non-decreasing in the gap) and `OPTuneObjective`, which
+  trains DPO's loss with those weights (`dpo_loss(..., weights=...)`) rather than restating it.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 import numpy as np
 import torch
 
-from bridgerl.algos.dpo import dpo_loss
 
 PromptId = Union[int, str]
 # A completion as the loop stores it: text, token ids, or a small dict of both
@@ -155,22 +154,6 @@ class PairPool:
     def prompt_ids(self) -> list[PromptId]:
         return list(self._entries)
 
-    def pairs(self, min_gap: float = 0.0) -> list[PairEntry]:
-        """Pairs to train on: those whose reward gap is > min_gap (a zero gap carries no preference)."""
-        return [e for e in self._entries.values() if e.gap > min_gap]
-
-    def merge(
-        self,
-        prompt_id: PromptId,
-        completions: Sequence[Any],
-        rewards: Sequence[float] | torch.Tensor,
-        version: int,
-        prompt: Any = None,
-    ) -> PairEntry:
-        """Regenerate one prompt: pair = (argmax, argmin) over new completions ∪ the stored pair."""
-        return self.merge_many([prompt_id], [completions], torch.as_tensor(rewards, dtype=torch.float64)[None],
-                               version, prompts=None if prompt is None else [prompt])[0]
-
     def merge_many(
         self,
         prompt_ids: Sequence[PromptId],
@@ -299,11 +282,15 @@ def select_random(prompt_ids: Sequence[PromptId], rho: float, seed: int) -> list
     return [ids[i] for i in np.sort(picked)]
 
 
-def select_prompts(pool: PairPool, rho: float, key: str = "chosen_reward", seed: int = 0) -> list[PromptId]:
-    """What the loop calls between iterations: `key` is chosen_reward | reward_gap | random."""
+def select_prompts(pool: PairPool, rho: float, key: str = "chosen_reward", seed: int = 0,
+                   among: Sequence[PromptId] | None = None) -> list[PromptId]:
+    """What the loop calls each step: ⌈ρ·|P|⌉ of the pool's prompts (or of those `among` them, e.g. the
+    batch's stored prompts), by `key` = chosen_reward | reward_gap | random."""
+    ids = pool.prompt_ids() if among is None else [i for i in among if i in pool]
     if key == "random":
-        return select_random(pool.prompt_ids(), rho, seed)
-    return select_for_regeneration(selection_keys(pool, key), rho)
+        return select_random(ids, rho, seed)
+    keys = selection_keys(pool, key)
+    return select_for_regeneration({i: keys[i] for i in ids}, rho)
 
 
 # ---------------------------------------------------------------------------- merge
@@ -406,34 +393,34 @@ def pair_weights(
     return w.to(g_in.device)
 
 
-def wdpo_loss(
-    chosen_logps: torch.Tensor,  # [B] summed policy log-probs
-    rejected_logps: torch.Tensor,  # [B]
-    ref_chosen_logps: torch.Tensor,  # [B]
-    ref_rejected_logps: torch.Tensor,  # [B]
-    gaps: torch.Tensor | Sequence[float],  # [B] reward gaps of the pairs
-    beta: float = 0.1,
-    beta2: float = 1.0,
-    scheme: str = "softmax",
-    normalize: str = "zscore",
-    reduction: str = "mean",
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """wDPO: L = −(1/B) Σ w_i log σ(β(Δ_w − Δ_l)), w from `pair_weights`, via `dpo_loss(weights=)`."""
-    g = torch.as_tensor(gaps, dtype=torch.float64).reshape(-1)
-    if g.numel() != chosen_logps.numel():
-        raise ValueError(f"{g.numel()} gaps for {chosen_logps.numel()} pairs; pass one gap per pair")
-    weights = pair_weights(g, beta2=beta2, scheme=scheme, normalize=normalize).to(
-        device=chosen_logps.device, dtype=chosen_logps.dtype)
-    loss, metrics = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                             beta, weights=weights, reduction=reduction)
-    empty = g.numel() == 0
-    metrics.update({
-        "optune/mean_weight": 0.0 if empty else weights.mean().item(),
-        "optune/weight_max": 0.0 if empty else weights.max().item(),
-        "optune/gap_mean": 0.0 if empty else g.mean().item(),
-        "optune/gap_std": 0.0 if empty else g.std(unbiased=False).item(),
-    })
-    return loss, metrics
+class OPTuneObjective:
+    """wDPO on the pool's pairs: the loop hands it groups of 2 (stored chosen, stored rejected), so DPO's
+    pairing keeps every pair with a gap; each pair is weighted by `pair_weights` of its gap."""
+
+    passes = 1
+    needs_reference = True
+
+    def __init__(self, cfg):
+        from .dpo import DPOObjective
+
+        self.cfg, self.dpo = cfg.optune, DPOObjective(cfg)
+
+    def make_batch(self, rollouts, rewards: torch.Tensor, ctx):
+        batch = self.dpo.make_batch(rollouts, rewards, ctx)
+        if batch.empty:
+            return batch
+        gaps = torch.cat([m.gaps for m in batch.micro])
+        beta2 = self.cfg.beta2 if self.cfg.weighting != "none" else 0.0
+        scheme = self.cfg.weighting if self.cfg.weighting != "none" else "softmax"
+        weights = pair_weights(gaps.double(), beta2, scheme, self.cfg.normalize).float()
+        for m, w in zip(batch.micro, weights.split([len(m.gaps) for m in batch.micro])):
+            m.weights = w.to(m.ref_logps.device)
+        batch.metrics |= {"optune/mean_weight": weights.mean().item(), "optune/weight_max": weights.max().item(),
+                          "optune/gap_mean": gaps.mean().item()}
+        return batch
+
+    def loss(self, policy: torch.nn.Module, micro):
+        return self.dpo.loss(policy, micro)
 
 
 # ---------------------------------------------------------------------------- stats

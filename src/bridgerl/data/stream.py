@@ -7,11 +7,21 @@ where it stopped without storing any RNG state or permutation.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-__all__ = ["PromptStream"]
+__all__ = ["PromptSource", "PromptStream"]
+
+
+class PromptSource(Protocol):
+    """What the loop draws prompts from: batches of rows (each with a stable `id`), resumable."""
+
+    def next_batch(self) -> list[dict]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class PromptStream:

@@ -208,7 +208,7 @@ def reasoning_gym_rows(name: str, n: int, seed: int, split: str = "train",
                        heldout_fraction: float = HELDOUT_FRACTION, instruction: str = RG_INSTRUCTION,
                        **config: Any) -> list[dict]:
     """`n` rows of reasoning-gym dataset `name`: prompt, answer, task `rg:<name>` and the
-    `entry` that `rewards.python_fn.reasoning_gym_reward` scores with. `config` goes to the
+    `entry` that `rewards.reasoning_gym.reasoning_gym_reward` scores with. `config` goes to the
     dataset's config (e.g. `min_terms=2`)."""
     try:
         import reasoning_gym
@@ -331,3 +331,13 @@ def builtin_rows(spec: str, n: int, seed: int, split: str = "train") -> list[dic
         return preference_rows(n, seed, split)
     raise ValueError(f"unknown built-in task {spec!r}; use 'arithmetic', 'arithmetic:<tiny|easy|medium|hard>', "
                      "'rg:<reasoning-gym dataset>' or 'preference'")
+
+
+def rows_from(source: str, n: int, seed: int, split: str = "train", load=None, **load_kwargs) -> list[dict]:
+    """`builtin:<task>` → n generated rows of its `split`; anything else → `load(source)` (default
+    `formats.load_rows`: a JSONL/JSON/CSV/Parquet file, a `datasets` folder or a hub id)."""
+    if source.startswith("builtin:"):
+        return builtin_rows(source.removeprefix("builtin:"), n, seed, split)
+    if load is None:
+        from .formats import load_rows as load
+    return load(source, **load_kwargs)

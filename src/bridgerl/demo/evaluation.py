@@ -35,7 +35,7 @@ def evaluate_sampled(model: Path, data: str, rewards: dict, num: int, samples: i
     Returns {"mean", "se", "prompts", "samples", "temperature"}; temperature 0 means one greedy reply.
     """
     from ..rollout.hf import HFGenerator
-    from ..train.setup import build_run
+    from ..train.run import build_run
     from .pipeline import config_from
 
     raw = {"model": {"path": str(model)}, "rewards": {"tasks": rewards},
@@ -53,7 +53,7 @@ def evaluate_sampled(model: Path, data: str, rewards: dict, num: int, samples: i
     gen = HFGenerator(run.policy, run.tokenizer, share_weights=True)
     # its own RNG, fixed by the seed: two models are compared on the same random stream
     rng = torch.Generator(device=run.device).manual_seed(seed + 11)
-    out = gen.generate([run.encode_prompt(r) for r in rows], k, run.cfg.eval, rng)
+    out = gen.generate([run.prompts(r) for r in rows], k, run.cfg.eval, rng)
     expanded = [r for r in rows for _ in range(k)]
     scores, _ = run.rewarder([r["prompt"] for r in expanded], out.completions, expanded)
     per_prompt = scores.float().view(len(rows), k).mean(dim=1).tolist()

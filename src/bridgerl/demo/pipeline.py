@@ -55,7 +55,7 @@ def preference_regimes(st: DemoSettings) -> list[Regime]:
     return [
         Regime("online DPO (s=1)", "pref_online_dpo", {"algo": {"name": "dpo", "beta": st.dpo_beta}}),
         Regime("GRPO", "pref_grpo", {"algo": grpo}),
-        Regime("GRPO + VI", "pref_grpo_vi", {"algo": dict(grpo, reward_shaping="variance_increase")}),
+        Regime("GRPO + VI", "pref_grpo_vi", {"algo": dict(grpo, grpovi={})}),
     ]
 
 
@@ -95,7 +95,7 @@ def evaluate_model(model: Path, data: str, rewards: dict, num: int, max_new_toke
                    scratch: Path) -> dict:
     """Greedy held-out score of a model folder: `bridgerl eval`'s code path (build_run + evaluate)."""
     from ..train.evaluate import evaluate
-    from ..train.setup import build_run
+    from ..train.run import build_run
 
     raw = {"model": {"path": str(model)}, "rewards": {"tasks": rewards},
            "data": {"train": data, "num_train": 1, "num_eval": num},
@@ -153,7 +153,7 @@ def write_seed_data(path: Path, st: DemoSettings, seed: int) -> dict:
 
 def stage_seed(folder: Path, st: DemoSettings, tiny: Path, seed: int) -> dict:
     from ..config import SFTConfig
-    from ..train.sft import sft
+    from ..supervised.sft import sft
 
     data = folder / "sft_data.jsonl"
     counts = write_seed_data(data, st, seed)
@@ -173,7 +173,7 @@ def stage_seed(folder: Path, st: DemoSettings, tiny: Path, seed: int) -> dict:
 
 def stage_reward_model(folder: Path, st: DemoSettings, tiny: Path, seed: int) -> dict:
     from ..config import RMConfig
-    from ..train.sft import train_reward_model
+    from ..supervised.rm import train_reward_model
 
     cfg = RMConfig.model_validate({
         "model": {"path": str(tiny)}, "data": "builtin:preference", "steps": st.rm_steps, "batch_size": st.rm_batch,
@@ -235,8 +235,8 @@ def demo_summary(st: DemoSettings, seed_sampled: dict, seed_greedy: dict, compar
                  "steps": st.steps, "seeds": [int(r.folder.name.removeprefix("seed")) for r in results],
                  "final": finals, "mean": mean, "se": se,
                  "greedy": {"final": greedy, "mean": g_mean, "se": g_se}}
-        if "exploration" in cfg["algo"]:
-            entry["exploration"] = cfg["algo"]["exploration"]
+        if "optune" in cfg["algo"]:
+            entry["optune"] = cfg["algo"]["optune"]
         for key in ("generated_tokens", "trained_tokens", "wall_s"):
             entry[key] = sum(r.result[key] for r in results) / len(results)
         regimes.append(entry)

@@ -119,10 +119,10 @@ def regime_name(config: dict) -> str:
     algo = config.get("algo") or {}
     s = (config.get("rollout") or {}).get("sync_every", 1)
     if algo.get("name") == "grpo":
-        name = "GRPO" + (" + VI" if algo.get("reward_shaping") == "variance_increase" else "")
+        name = "GRPO" + (" + VI" if algo.get("grpovi") is not None else "")
         return name if s == 1 else f"{name} (s={s})"
-    if algo.get("exploration"):
-        return f"OPTune (ρ={algo['exploration'].get('rho')}, s={s})"
+    if algo.get("optune"):
+        return f"OPTune (ρ={algo['optune'].get('rho')}, s={s})"
     if s == 0:
         return "offline DPO"
     if s == 1:

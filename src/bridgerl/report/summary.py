@@ -78,7 +78,7 @@ def _signed(x: float) -> str:
 
 
 def _short(r: dict) -> str:
-    if r["algo"] == "dpo" and not r.get("exploration"):
+    if r["algo"] == "dpo" and not r.get("optune"):
         s = r["sync_every"]
         return "offline DPO" if s == 0 else "online DPO" if s == 1 else f"s={s}"
     return r["name"]
@@ -94,7 +94,7 @@ def headline(summary: dict) -> str:
     n_seeds = sorted({len(r["seeds"]) for r in regimes})
     text = (f"Over the seed model ({seed:.3f} ± {summary['seed_model']['se']:.3f} {summary.get('metric', 'held-out score')}), "
             f"mean ± SE over {'/'.join(map(str, n_seeds))} training seeds: {gains}.")
-    dpo = sorted((r for r in regimes if r["algo"] == "dpo" and not r.get("exploration")),
+    dpo = sorted((r for r in regimes if r["algo"] == "dpo" and not r.get("optune")),
                  key=lambda r: r["sync_every"] or math.inf)
     if len(dpo) >= 2:
         means = [r["mean"] for r in dpo]
@@ -155,7 +155,7 @@ def plot_sync_every(summary: dict, path: str | Path) -> Path | None:
     seed = summary["seed_model"]
     ax.axhspan(seed["mean"] - seed["se"], seed["mean"] + seed["se"], color="grey", alpha=0.2)
     ax.axhline(seed["mean"], color="grey", linestyle="--", linewidth=1, label="seed model (± SE)")
-    dpo = sorted((r for r in regimes if r["algo"] == "dpo" and not r.get("exploration")),
+    dpo = sorted((r for r in regimes if r["algo"] == "dpo" and not r.get("optune")),
                  key=lambda r: xpos[r["sync_every"]])
     if dpo:
         ax.errorbar([xpos[r["sync_every"]] for r in dpo], [r["mean"] for r in dpo], yerr=[r["se"] for r in dpo],

@@ -5,13 +5,17 @@
 - prediction: LaTeX extraction with `\\boxed{}` matched first (priority 0);
 - `verify(gold, pred, float_rounding=6)`: 1.0 if equal, else 0.0; any exception gives 0.
 
-Math-Verify's own timeouts use `signal.alarm`, which fails off the main thread, so they are
-turned off (`parsing_timeout=None`, `timeout_seconds=None`) and each sample runs under
-`call_with_timeout` instead.
+Math-Verify's own timeouts use `signal.alarm`, which fails off the main thread. In the trainer
+process they are turned off and each sample runs under `call_with_timeout` (a thread), which
+cannot stop a computation that holds the GIL inside one C call (sympy on `9^{9^{9^{9}}}`). In a
+reward worker process (rewards/pool.py) scoring runs on that process's main thread, so
+Math-Verify's own signal timeouts are used there, and the pool's SIGKILL backs them up.
 """
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from functools import lru_cache
 from typing import Any, Sequence
 
@@ -44,26 +48,34 @@ def _configs() -> tuple[list, list, list]:
     return gold, pred, pred + [ExprExtractionConfig()]
 
 
+WORKER_ENV = "BRIDGERL_REWARD_WORKER"  # set by rewards/pool.py in its worker processes
+
+
+def _signals_usable() -> bool:
+    """True on the main thread of a reward worker, where SIGALRM may interrupt scoring."""
+    return os.environ.get(WORKER_ENV) == "1" and threading.current_thread() is threading.main_thread()
+
+
 @lru_cache(maxsize=4096)
-def _parse_gold(answer: str) -> tuple:
+def _parse_gold(answer: str, signal_timeout: int | None = None) -> tuple:
     # Cached: the n rollouts of a prompt share one gold answer.
     from math_verify import parse
 
     gold_cfg, _, _ = _configs()
-    return tuple(parse(f"${answer}$", gold_cfg, parsing_timeout=None))
+    return tuple(parse(f"${answer}$", gold_cfg, parsing_timeout=signal_timeout))
 
 
-def _score_one(completion: str, answer: str, expr_fallback: bool) -> float:
+def _score_one(completion: str, answer: str, expr_fallback: bool, signal_timeout: int | None = None) -> float:
     from math_verify import parse, verify
 
-    gold = list(_parse_gold(answer))
+    gold = list(_parse_gold(answer, signal_timeout))
     if not gold:
         return 0.0
     _, pred_cfg, pred_cfg_expr = _configs()
-    pred = parse(completion, pred_cfg_expr if expr_fallback else pred_cfg, parsing_timeout=None)
+    pred = parse(completion, pred_cfg_expr if expr_fallback else pred_cfg, parsing_timeout=signal_timeout)
     if not pred:
         return 0.0
-    return 1.0 if verify(gold, pred, float_rounding=6, timeout_seconds=None) else 0.0
+    return 1.0 if verify(gold, pred, float_rounding=6, timeout_seconds=signal_timeout) else 0.0
 
 
 def math_verify_score(completion: str, answer: str, timeout_s: float | None = DEFAULT_SAMPLE_TIMEOUT_S,
@@ -75,6 +87,9 @@ def math_verify_score(completion: str, answer: str, timeout_s: float | None = DE
     default to match §1.2.
     """
     try:
+        if timeout_s is not None and _signals_usable():
+            # Math-Verify's alarm takes whole seconds; it returns 0 itself when it fires.
+            return _score_one(completion, str(answer), expr_fallback, max(1, round(timeout_s)))
         return call_with_timeout(_score_one, (completion, str(answer), expr_fallback), timeout_s)
     except TimeoutError:
         logger.warning("Math-Verify timed out after %s s on a completion; scored 0", timeout_s)
@@ -110,3 +125,7 @@ def math_reward(completions: Sequence[Any], answer: Sequence[Any] | None = None,
         raise ValueError(f"math_reward got {len(completions)} completions but {len(golds)} answers")
     return [0.0 if gold is None else math_verify_score(completion_text(c), str(gold), timeout_s, expr_fallback)
             for c, gold in zip(completions, golds)]
+
+
+# rewards/pool.py calls this in a new worker: Math-Verify's and sympy's imports and first parse.
+math_reward.warm_up = lambda: math_verify_score("$\\boxed{1}$", "1", timeout_s=None)

@@ -1,4 +1,4 @@
-"""User reward functions given as "pkg.module:function", and the reasoning-gym adapter.
+"""User reward functions given as "pkg.module:function", and final-answer extraction.
 
 A reward function follows TRL's signature and is called with keywords:
 `f(prompts=[...], completions=[...], **columns) -> list[float]`, where `columns` are the
@@ -10,13 +10,10 @@ import importlib
 import importlib.util
 import re
 import sys
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-from .math import completion_text
-
-__all__ = ["load_callable", "reasoning_gym_reward", "extract_final_answer"]
+__all__ = ["load_callable", "extract_final_answer"]
 
 
 def _import_module(module_path: str, spec: str):
@@ -85,35 +82,3 @@ def extract_final_answer(completion: str) -> str | None:
     if tags:
         return tags[-1].strip()
     return _last_boxed(completion)
-
-
-@lru_cache(maxsize=None)
-def _score_fn(dataset_name: str) -> Callable:
-    try:
-        import reasoning_gym
-    except ImportError as exc:
-        raise ImportError("reasoning-gym tasks need the reasoning_gym package: pip install reasoning-gym") from exc
-    return reasoning_gym.get_score_answer_fn(dataset_name)
-
-
-def reasoning_gym_reward(completions: Sequence[Any], entry: Sequence[dict] | None = None,
-                         task: Sequence[str] | None = None, **_: Any) -> list[float]:
-    """Score each completion with its reasoning-gym dataset's own `score_answer`.
-
-    `entry` is the column holding the reasoning-gym item (question, answer, metadata);
-    the dataset is `entry["metadata"]["source_dataset"]`, else the `rg:<name>` task.
-    """
-    if entry is None:
-        raise TypeError("reasoning_gym_reward needs entry=[...]: build rows with data.tasks.reasoning_gym_rows")
-    if len(entry) != len(completions):
-        raise ValueError(f"reasoning_gym_reward got {len(completions)} completions but {len(entry)} entries")
-    scores = []
-    for k, (completion, item) in enumerate(zip(completions, entry)):
-        name = (item.get("metadata") or {}).get("source_dataset")
-        if name is None and task is not None:
-            name = str(task[k]).removeprefix("rg:")
-        if name is None:
-            raise ValueError("reasoning-gym entry has no metadata.source_dataset and no rg:<name> task")
-        answer = extract_final_answer(completion_text(completion))
-        scores.append(float(_score_fn(name)(answer, item)))
-    return scores

@@ -2,7 +2,9 @@
 
 Failures become data, not crashes: a function that raises, times out, returns the wrong
 number of scores, or returns None/NaN/inf gives `failure_score` for the affected samples,
-the failures are counted by kind, and the run goes on.
+the failures are counted by kind (`reward/failures/<kind>`, timeouts also as
+`reward/timeouts`), and the run goes on. A `PooledReward` runs in the worker processes of
+rewards/pool.py, where a timeout kills the worker; any other function runs in this process.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .pool import Failure, PooledReward
 from .timeout import call_with_timeout
 
 __all__ = ["RewardRouter", "FAILURE_KINDS"]
@@ -84,40 +87,52 @@ class RewardRouter:
         keys = dict.fromkeys(k for row in rows for k in row if k != "prompt")  # union, first-seen order
         columns = {k: [row.get(k) for row in rows] for k in keys}
         kwargs = {**columns, "prompts": prompts, "completions": completions}
-        try:
-            raw = call_with_timeout(fn, (), getattr(fn, "reward_timeout_s", self.timeout_s), kwargs=kwargs)
-        except TimeoutError as exc:
-            failures["timeout"] += n
-            self._warn_once(task, fn, "timeout", str(exc))
-            return [self.failure_score] * n
-        except Exception as exc:  # noqa: BLE001 — any user error becomes a counted failure
-            failures["exception"] += n
-            self._warn_once(task, fn, "exception", f"{type(exc).__name__}: {exc}")
-            return [self.failure_score] * n
-        try:
-            values = list(raw)
-        except TypeError:
-            values = None
-        if values is None or len(values) != n:
-            failures["length"] += n
-            got = f"{len(values)} scores" if values is not None else f"a {type(raw).__name__}"
-            self._warn_once(task, fn, "length", f"returned {got} for {n} samples")
-            return [self.failure_score] * n
+        timeout_s = getattr(fn, "reward_timeout_s", self.timeout_s)
+        if isinstance(fn, PooledReward):
+            values = fn.run(kwargs, n, float("inf") if timeout_s is None else timeout_s)
+        else:
+            values = self._call_in_process(fn, kwargs, n, timeout_s)
         scores = []
-        bad = 0
+        bad: Counter = Counter()
+        details: dict[str, str] = {}
         for v in values:
+            if isinstance(v, Failure):
+                bad[v.kind] += 1
+                details.setdefault(v.kind, v.detail)
+                scores.append(self.failure_score)
+                continue
             try:
                 x = float(v)
             except (TypeError, ValueError):
                 x = math.nan
             if not math.isfinite(x):
-                bad += 1
+                bad["nan"] += 1
                 x = self.failure_score
             scores.append(x)
-        if bad:
-            failures["nan"] += bad
-            self._warn_once(task, fn, "nan", f"{bad} of {n} scores were None, NaN, inf or not numbers")
+        if bad["nan"]:
+            details["nan"] = f"{bad['nan']} of {n} scores were None, NaN, inf or not numbers"
+        for kind, count in bad.items():
+            failures[kind] += count
+            self._warn_once(task, fn, kind, details[kind])
         return scores
+
+    @staticmethod
+    def _call_in_process(fn: Callable, kwargs: dict, n: int, timeout_s: float | None) -> list[Any]:
+        """One whole-batch call on a timeout thread; a failed call fails all its samples."""
+        try:
+            raw = call_with_timeout(fn, (), timeout_s, kwargs=kwargs)
+        except TimeoutError as exc:
+            return [Failure("timeout", str(exc))] * n
+        except Exception as exc:  # noqa: BLE001 — any user error becomes a counted failure
+            return [Failure("exception", f"{type(exc).__name__}: {exc}")] * n
+        try:
+            values = list(raw)
+        except TypeError:
+            values = None
+        if values is None or len(values) != n:
+            got = f"{len(values)} scores" if values is not None else f"a {type(raw).__name__}"
+            return [Failure("length", f"returned {got} for {n} samples")] * n
+        return values
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any],
                  rows: Sequence[dict]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -144,6 +159,7 @@ class RewardRouter:
             metrics[f"reward/{task}/mean"] = values.mean().item()
             metrics[f"reward/{task}/count"] = float(len(idx))
         metrics["reward/failures"] = float(sum(failures.values()))
+        metrics["reward/timeouts"] = float(failures["timeout"])
         for kind in FAILURE_KINDS:
             metrics[f"reward/failures/{kind}"] = float(failures[kind])
         return scores, metrics

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.encoding import pad
 from ..models import copy_weights_, frozen_copy
 from .decode import FastDecode, HFDecode, fast_decode_supported
 from .types import Rollouts, concat_rollouts
@@ -33,17 +34,6 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, top_k:
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)
     u = torch.rand((cdf.shape[0], 1), generator=rng, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(1)
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
 
 
 class HFGenerator:
@@ -93,7 +83,7 @@ class HFGenerator:
         model, device = self.model, self.device
         was_training = model.training
         model.eval()
-        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id, device)
+        prompt_ids, prompt_mask = pad(prompts, self.pad_id, "left", device)
         positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                     use_cache=True, logits_to_keep=1)
@@ -155,7 +145,7 @@ class HFGenerator:
 def sequence_token_logprobs(model: torch.nn.Module, sequences: list[list[int]], pad_id: int) -> list[torch.Tensor]:
     """log π(token_t | tokens_<t) for t ≥ 1 of each sequence, as float32 CPU tensors [len - 1]."""
     device = next(model.parameters()).device
-    ids, mask = left_pad(sequences, pad_id, device)
+    ids, mask = pad(sequences, pad_id, "left", device)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits.float()
     logps = logits[:, :-1].log_softmax(dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)

@@ -1,6 +1,7 @@
 """Rollouts as a typed batch, and the Generator protocol every engine implements."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
 
@@ -116,22 +117,36 @@ class Generator(Protocol):
         ...
 
 
+class Rewarder(Protocol):
+    """Scores one sample per row, TRL-style: `rewards.RewardRouter` and the Ray reward workers."""
+
+    def __call__(self, prompts: list, completions: list[str], rows: list[dict]) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+def sample_and_score(generator: Generator, rewarder: Rewarder, encode, rows: list[dict], n: int, sampling,
+                     rng: torch.Generator | None, timer=None) -> tuple[Rollouts, torch.Tensor, dict[str, float]]:
+    """n samples of each row's prompt and their rewards [len(rows)·n]: the generate → expand rows →
+    reward step that training, OPTune's regeneration and pass-rate scoring share. `encode(row)` gives
+    prompt ids; `rewarder(prompts, completions, rows)` follows rewards.RewardRouter; `timer(name)`, if
+    given, times "generate" and "reward"."""
+    timer = timer or (lambda name: nullcontext())
+    with timer("generate"):
+        rollouts = generator.generate([encode(r) for r in rows], n, sampling, rng)
+    expanded = [r for r in rows for _ in range(n)]
+    with timer("reward"):
+        scores, metrics = rewarder([r["prompt"] for r in expanded], rollouts.completions, expanded)
+    return rollouts, scores, metrics
+
+
 def rollouts_from_tokens(prompts: list[list[int]], completions: list[list[int]], versions: list[int],
                          pad_id: int, n: int, texts: list[str] | None = None) -> Rollouts:
     """Rollouts rebuilt from stored token lists (e.g. OPTune's pair pool); no sampler statistics."""
+    from ..data.encoding import pad
+
     S = len(prompts)
-    P = max(len(p) for p in prompts)
-    T = max(1, max(len(c) for c in completions))
-    prompt_ids = torch.full((S, P), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((S, P), dtype=torch.long)
-    completion_ids = torch.full((S, T), pad_id, dtype=torch.long)
-    completion_mask = torch.zeros((S, T), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        prompt_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        prompt_mask[i, P - len(p):] = 1
-        if c:
-            completion_ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-            completion_mask[i, :len(c)] = 1
+    prompt_ids, prompt_mask = pad(prompts, pad_id, "left")
+    completion_ids, completion_mask = pad(completions, pad_id, "right")
+    T = completion_ids.shape[1]
     zeros = torch.zeros((S, T))
     return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, zeros, zeros.clone(),
                     torch.tensor(versions, dtype=torch.long), texts or [""] * S, n, sampled=False)

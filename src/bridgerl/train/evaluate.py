@@ -20,7 +20,7 @@ def evaluate(run, rows: list[dict] | None = None) -> dict[str, float]:
     gen = run.eval_generator
     # Eval sampling has its own RNG so that evaluating never shifts the training samples.
     rng = torch.Generator(device=run.device).manual_seed(run.cfg.train.seed + 7)
-    out = gen.generate([run.encode_prompt(r) for r in rows], 1, cfg, rng)
+    out = gen.generate([run.prompts(r) for r in rows], 1, cfg, rng)
     scores, _ = run.rewarder([r["prompt"] for r in rows], out.completions, rows)
     return score_summary(scores, [r["task"] for r in rows]) | {
         "eval/completion_length": out.completion_mask.sum(dim=1).float().mean().item()}

@@ -7,15 +7,19 @@ from contextlib import contextmanager
 
 import torch
 
-from ..config import Config, DPOConfig, GRPOConfig, dump_config
-from ..rollout.types import Rollouts, concat_rollouts
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..algos.grpovi import grpovi_rewards
+from ..algos.objective import BatchContext, TrainBatch, mean_metrics, spread_rows
+from ..config import Config, dump_config
+from ..rollout.logprobs import ReferenceLogprobs
+from ..rollout.types import Rollouts, concat_rollouts, sample_and_score
+from .checkpoint import resume_run, save_run
 from .evaluate import evaluate
-from .exploration import optune_rollouts
+from .alarms import clipped_share, respond
 from .logger import MetricsLogger
-from .setup import Run, build_run
-from .shaping import shape_rewards
-from .updates import dpo_update, grpo_update, reference_logprobs, spread_rows
+from .optim import clip_and_step
+from .optune import optune_batch, sampler_metrics
+from .run import Run, build_run
+from .selection import select_samples
 
 
 class Timer:
@@ -42,72 +46,65 @@ def train_step(run: Run) -> dict:
             run.generator.load_weights(run.policy, run.step)
             if cfg.reference.sync == "with_generator":
                 run.reference.load_state_dict(run.policy.state_dict())
-    pairs = weights = None
     with timer("generation"):
-        if "optune" in run.extras:
-            batch, rewards, fresh, pairs, weights = optune_rollouts(run, rows, timer)
-        else:
-            batch, rewards, fresh = rollouts_for(run, rows, timer)
-            rewards = rewards.view(len(rows), cfg.rollout.n)
-    with timer("reference"):
-        ref_logps = reference_for(run, batch, rewards)
-    with timer("shaping"):
-        rewards, shaping_metrics = shape_rewards(run, rows, rewards, ref_logps)
+        sample = optune_batch if run.optune_pool is not None else sample_batch
+        rollouts, rewards, sampled = sample(run, rows, timer)
+        if run.optune_pool is None:  # bounded staleness and dynamic sampling (off unless configured)
+            drawn = (rows, rollouts, rewards)
+            (rows, rollouts, rewards), sampled = select_samples(run, drawn, sampled, timer, sample_batch)
+    reference = reference_for(run, rollouts)
+    grpovi_metrics = {}
+    if getattr(cfg.algo, "grpovi", None) is not None:
+        with timer("grpovi"):
+            rewards, grpovi_metrics = grpovi(run, rows, rewards, reference)
     with timer("update"):
-        step_fn = lambda: optimizer_step(run)  # noqa: E731
-        if isinstance(cfg.algo, DPOConfig):
-            binary = torch.tensor([r["task"] in run.binary_tasks for r in rows])
-            update = dpo_update(run.train_policy, run.reference, batch, rewards, binary, cfg.algo,
-                                cfg.train.micro_batch, step_fn, run.pair_rng, pairs, weights, ref_logps)
-        else:
-            update = grpo_update(run.train_policy, run.reference, batch, rewards, cfg.algo, cfg.train.micro_batch,
-                                 run.step, step_fn, ref_logps)
+        ctx = BatchContext(binary=torch.tensor([r["task"] in run.binary_tasks for r in rows]), reference=reference,
+                           policy_version=run.step, micro_batch=cfg.train.micro_batch, rng=run.pair_rng,
+                           max_new_tokens=cfg.rollout.max_new_tokens)
+        batch = run.objective.make_batch(rollouts, rewards, ctx)
+        update = update_policy(run, batch)
     run.step += 1
-    metrics = rollout_metrics(run, rows, batch, rewards, fresh) | shaping_metrics | update | timing(timer)
+    if reference is not None:
+        timer.seconds["reference"] = reference.seconds  # spent inside grpovi / update
+    metrics = rollout_metrics(run, rows, rollouts, rewards) | sampled | grpovi_metrics | update | timing(timer)
     if metrics.get("tokens/generated") and timer.seconds.get("generate"):
         metrics["tokens/s"] = metrics["tokens/generated"] / timer.seconds["generate"]
     return metrics
 
 
-def rollouts_for(run: Run, rows: list[dict], timer: Timer) -> tuple[Rollouts, torch.Tensor, dict]:
-    """Samples and rewards for the batch's prompts; prompts already sampled by these same weights
+def sample_batch(run: Run, rows: list[dict], timer) -> tuple[Rollouts, torch.Tensor, dict[str, float]]:
+    """n samples per prompt and their rewards [G, n]. Prompts already sampled by these same weights
     (offline, or a repeat within a sync window) reuse their cached samples instead of regenerating."""
-    cfg = run.cfg
-    if run.cache_version != run.generator.version:
-        run.cache.clear()
-        run.cache_version = run.generator.version
-    missing = [r for r in rows if r["id"] not in run.cache]
-    fresh = {"tokens/generated": 0.0, "reward/failures": 0.0}
+    n = run.cfg.rollout.n
+    cache = run.cache.for_version(run.generator.version).entries
+    missing = [r for r in rows if r["id"] not in cache]
+    metrics = {"tokens/generated": 0.0, "reward/failures": 0.0}
     if missing:
-        n = cfg.rollout.n
-        with timer("generate"):
-            new = run.generator.generate([run.encode_prompt(r) for r in missing], n, cfg.rollout, run.sample_rng)
-        expanded = [r for r in missing for _ in range(n)]
-        with timer("reward"):
-            scores, reward_metrics = run.rewarder([r["prompt"] for r in expanded], new.completions, expanded)
-        fresh = {"tokens/generated": float(new.completion_mask.sum().item())} | reward_metrics
+        new, scores, reward_metrics = sample_and_score(run.generator, run.rewarder, run.prompts, missing, n,
+                                                       run.cfg.rollout, run.sample_rng, timer)
+        lengths = new.lengths
+        eos = getattr(run.generator, "eos_ids", torch.tensor([run.tokenizer.eos_token_id]))
+        ended = torch.isin(new.completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1),
+                           eos.to(lengths.device)) & (lengths > 0)
+        metrics = {"tokens/generated": sampler_metrics(new)["tokens/generated"],
+                   "completion/clipped_share": clipped_share(new.completion_mask, ended, run.cfg.rollout.max_new_tokens)
+                   } | reward_metrics
         for i, r in enumerate(missing):
-            run.cache[r["id"]] = (new.select(torch.arange(i * n, (i + 1) * n)), scores[i * n:(i + 1) * n])
-    parts = [run.cache[r["id"]] for r in rows]
-    batch = concat_rollouts([p[0] for p in parts], run.tokenizer.pad_token_id)
-    return batch, torch.cat([p[1] for p in parts]).float(), fresh
+            cache[r["id"]] = (new.select(torch.arange(i * n, (i + 1) * n)), scores[i * n:(i + 1) * n])
+    parts = [cache[r["id"]] for r in rows]
+    rollouts = concat_rollouts([p[0] for p in parts], run.tokenizer.pad_token_id)
+    return rollouts, torch.cat([p[1] for p in parts]).float().view(len(rows), n), metrics
 
 
-def reference_for(run: Run, batch: Rollouts, rewards: torch.Tensor) -> torch.Tensor | None:
-    """The reference's token log-probs [B, T], once per batch, or None when the update computes its own.
-
-    When the reference holds the very weights that sampled every row, they are the sampler's own
-    log-probs (recorded at temperature 1) and no forward runs. Otherwise GRPO computes them here for
-    the groups that train, so GRPOVI's p and the KL term share one forward; DPO computes only its
-    pairs' rows, inside the update."""
+def reference_for(run: Run, rollouts: Rollouts) -> ReferenceLogprobs | None:
+    """The reference's token log-probs of the step's rows, computed on demand, at most once per row.
+    When the reference holds the very weights that sampled every row, the sampler's own log-probs
+    (recorded at temperature 1) stand in and no forward runs."""
     if run.reference is None:
         return None
     version = reference_weights_version(run)
-    if batch.sampled and version is not None and bool((batch.versions == version).all()):
-        return batch.gen_logprobs
-    if isinstance(run.cfg.algo, GRPOConfig):
-        return reference_logprobs(run.reference, batch, spread_rows(rewards), run.cfg.train.micro_batch, rewards.shape[1])
-    return None
+    stand_in = rollouts.sampled and version is not None and bool((rollouts.versions == version).all())
+    return ReferenceLogprobs(run.reference, rollouts, run.cfg.train.micro_batch, stand_in)
 
 
 def reference_weights_version(run: Run) -> int | None:
@@ -121,127 +118,110 @@ def reference_weights_version(run: Run) -> int | None:
     return None
 
 
+def grpovi(run: Run, rows: list[dict], rewards: torch.Tensor, reference) -> tuple[torch.Tensor, dict]:
+    """GRPOVI (algorithms.md §3.3): p from the reference's sequence log-probs of the groups that train,
+    bounds from each task's known reward range."""
+    G, n = rewards.shape
+    seq = None
+    if run.cfg.algo.grpovi.probs == "reference":
+        trained = spread_rows(rewards)
+        seq = torch.zeros(G * n)
+        seq[trained] = reference(trained).sum(dim=1).cpu()
+        seq = seq.view(G, n)
+    nan = float("nan")
+    bounds = torch.tensor([[b if b is not None else nan for b in run.cfg.rewards.tasks[r["task"]].bounds] for r in rows])
+    return grpovi_rewards(rewards, seq, bounds[:, 0], bounds[:, 1])
+
+
+def update_policy(run: Run, batch: TrainBatch) -> dict:
+    """Sum the objective's micro-batch gradients and step, `objective.passes` times. No pair or group
+    with a signal: no optimizer step (AdamW would still decay the weights)."""
+    if batch.empty:
+        return {"loss": 0.0, "tokens/trained": 0.0, "update/skipped": 1.0} | batch.metrics
+    collected, passes = [], []
+    for _ in range(run.objective.passes):
+        total = 0.0
+        for micro in batch.micro:
+            loss, m = run.objective.loss(run.train_policy, micro)
+            loss.backward()
+            total += loss.item()
+            collected.append(m)
+        passes.append(optimizer_step(run) | {"loss": total})
+    return mean_metrics(collected) | mean_metrics(passes) | batch.metrics
+
+
 def optimizer_step(run: Run) -> dict:
-    grads = [p.grad for p in run.policy.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(
-        [p for p in run.policy.parameters() if p.grad is not None],
-        run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else float("inf"))
-    if not grads or not torch.isfinite(norm):
-        run.optimizer.zero_grad(set_to_none=True)
+    out = clip_and_step(list(run.policy.parameters()), run.optimizer, run.scheduler, run.cfg.optim.grad_clip)
+    if out.get("update/skipped"):
         print(f"[bridgerl] step {run.step}: non-finite gradient norm; the update was skipped")
-        return {"grad_norm": float("nan"), "update/skipped": 1.0}
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return {"grad_norm": norm.item(), "lr": run.scheduler.get_last_lr()[0]}
+    return out
 
 
-def rollout_metrics(run: Run, rows: list[dict], batch: Rollouts, rewards: torch.Tensor, fresh: dict) -> dict:
-    mask = batch.completion_mask.float()
-    stale = (run.step - 1 - batch.versions).float()  # run.step already counts this update
+def rollout_metrics(run: Run, rows: list[dict], rollouts: Rollouts, rewards: torch.Tensor) -> dict:
+    mask = rollouts.completion_mask.float()
+    stale = (run.step - 1 - rollouts.versions).float()  # run.step already counts this update
     m = {
         "reward/mean": rewards.float().mean().item(),
         "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
         "reward/group_std": rewards.std(dim=1).mean().item(),
-        "completion_length": mask.sum(dim=1).mean().item(),
-        "entropy": ((batch.gen_entropy * mask).sum() / mask.sum().clamp(min=1)).item(),
         "staleness/mean": stale.mean().item(),
         "staleness/max": stale.max().item(),
         "generator/version": float(run.generator.version),
     }
-    if "optune" in run.extras:  # the batch is stored pairs: sampler statistics come from `fresh`
-        m.pop("entropy"), m.pop("completion_length")
+    if run.optune_pool is None:  # OPTune's batch is stored pairs: its sampler statistics come from `sampled`
+        m |= {"completion_length": mask.sum(dim=1).mean().item(),
+              "entropy": ((rollouts.gen_entropy * mask).sum() / mask.sum().clamp(min=1)).item()}
     tasks = sorted({r["task"] for r in rows})
     if len(tasks) > 1:
         for t in tasks:
             sel = torch.tensor([r["task"] == t for r in rows])
             m[f"reward/{t}/mean"] = rewards[sel].mean().item()
-    return m | fresh
+    return m
 
 
 def timing(timer: Timer) -> dict:
-    total = sum(v for k, v in timer.seconds.items() if k not in ("generate", "reward"))
-    out = {f"time/{k}": v for k, v in timer.seconds.items()}
-    return out | {"time/step": total}
+    # generate and reward run inside generation, reference inside grpovi / update: not counted twice
+    total = sum(v for k, v in timer.seconds.items() if k not in ("generate", "reward", "reference"))
+    return {f"time/{k}": v for k, v in timer.seconds.items()} | {"time/step": total}
 
 
-def state_dict(run: Run) -> dict:
-    state = {
-        "step": run.step,
-        "policy": {k: v.detach().cpu() for k, v in run.policy.state_dict().items()},
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "stream": run.stream.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "sample": run.sample_rng.get_state(), "pair": run.pair_rng.get_state()},
-        "cache": {"version": run.cache_version,
-                  "entries": {k: (v[0].to("cpu"), v[1].cpu()) for k, v in run.cache.items()}},
-        "extras": {k: v.state_dict() for k, v in run.extras.items()},
-        "config": run.cfg.model_dump(mode="json"),
-    }
-    if run.generator.version != run.step or run.cfg.rollout.sync_every == 0:
-        state["generator"] = run.generator.state_dict()
-    else:
-        state["generator"] = {"version": run.generator.version}  # equal to the policy: no second copy
-    if run.reference is not None and run.cfg.reference.sync == "with_generator":
-        state["reference"] = {k: v.cpu() for k, v in run.reference.state_dict().items()}
-    return state
-
-
-def load_state(run: Run, state: dict) -> None:
-    run.step = state["step"]
-    run.policy.load_state_dict(state["policy"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.stream.load_state_dict(state["stream"])
-    torch.set_rng_state(state["rng"]["torch"])
-    run.sample_rng.set_state(state["rng"]["sample"])
-    run.pair_rng.set_state(state["rng"]["pair"])
-    if "weights" in state["generator"]:
-        run.generator.load_state_dict(state["generator"])
-    else:
-        run.generator.load_weights(run.policy, state["generator"]["version"])
-    if "reference" in state:
-        run.reference.load_state_dict(state["reference"])
-    run.cache_version = state["cache"]["version"]
-    run.cache = {k: (v[0].to(run.device), v[1]) for k, v in state["cache"]["entries"].items()}
-    for k, v in state["extras"].items():
-        run.extras[k].load_state_dict(v)
-
-
-def train(cfg: Config, resume: bool = False, run: Run | None = None) -> Run:
+def train(cfg: Config, resume: bool = False, run: Run | None = None, force: bool = False) -> Run:
     run = run or build_run(cfg)
+    if resume:
+        resume_run(run, force=force)  # refuses a config that changes the run before anything is written
     logger = MetricsLogger(run.out_dir, cfg.log, resume=resume)
     dump_config(cfg, run.out_dir / "config.yaml")
-    if resume:
-        ckpt = latest_checkpoint(run.out_dir)
-        if ckpt is None:
-            print(f"[bridgerl] --resume: no checkpoint in {run.out_dir}/checkpoints; starting from step 0")
-        else:
-            load_state(run, load_checkpoint(ckpt))
-            print(f"[bridgerl] resumed from {ckpt} at step {run.step}")
-    eval_every = cfg.eval.every
-    monitor = run.extras.get("pathways")
     if run.step == 0:
         start = (evaluate(run) if cfg.eval.at_start and run.eval_rows else {}) | \
-            (monitor.maybe_measure(run.policy, 0) if monitor else {})
+            (run.monitor.maybe_measure(run.policy, 0) if run.monitor else {})
         if start:
             logger.log(0, start)
     progress = logger.progress(cfg.train.steps, initial=run.step)
     while run.step < cfg.train.steps:
         metrics = train_step(run)
-        if monitor:
-            metrics |= monitor.maybe_measure(run.policy, run.step)
-        if eval_every and run.step % eval_every == 0 and run.eval_rows and run.step < cfg.train.steps:
+        if run.monitor:
+            metrics |= run.monitor.maybe_measure(run.policy, run.step)
+        warnings = run.alarm.update(metrics)
+        metrics |= run.alarm.flags()
+        step = run.step
+        stop = respond(run, run.alarm, warnings, cfg.train.on_collapse, cfg.train.alarms.rollback_lr_factor,
+                       cfg.train.alarms.max_rollbacks)
+        if run.step != step:  # rolled back: the replayed steps are logged again
+            logger.log(step, metrics)
+            continue
+        if cfg.eval.every and run.step % cfg.eval.every == 0 and run.eval_rows and run.step < cfg.train.steps:
             metrics |= evaluate(run)
         logger.log(run.step, metrics)
         progress.update(metrics)
         every = cfg.train.checkpoint_every
         if every and run.step % every == 0 and run.step < cfg.train.steps:
-            save_checkpoint(run.out_dir, run.step, state_dict(run), cfg.train.keep_checkpoints)
+            save_run(run)
+        if stop:
+            break
     progress.close()
     if run.eval_rows:
         logger.log(run.step, evaluate(run), final=True)
-    save_checkpoint(run.out_dir, run.step, state_dict(run), cfg.train.keep_checkpoints)
+    save_run(run)
     if cfg.train.save_final:
         final = run.out_dir / "final"
         run.policy.save_pretrained(final)

@@ -1,7 +1,7 @@
 """GRPOVI solver scaling: closed-form one-pass vs the literal walk vs O(n²) enumeration.
 
-    python bench/variance.py            # n = 8 … 10⁴, batched 4096 × 16 (CPU, and CUDA if present)
-    python bench/variance.py --quick    # smaller sizes, fewer repeats
+    python bench/grpovi_solver.py            # n = 8 … 10⁴, batched 4096 × 16 (CPU, and CUDA if present)
+    python bench/grpovi_solver.py --quick    # smaller sizes, fewer repeats
 
 Prints medians. Enumeration runs only while its projected time stays under --enum-budget s.
 """
@@ -16,7 +16,12 @@ import time
 import numpy as np
 import torch
 
-from bridgerl.algos.variance import enumerate_optimum, increase_variance, increase_variance_groups, one_pass_walk
+import sys
+
+from bridgerl.algos.grpovi import increase_variance, increase_variance_groups
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from grpovi_reference import enumerate_optimum, one_pass_walk  # noqa: E402  (reference solvers live with the tests)
 
 
 def median_seconds(fn, min_repeats: int, budget_s: float, sync=lambda: None) -> tuple[float, float]:

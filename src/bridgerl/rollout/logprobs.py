@@ -9,9 +9,11 @@ backward sums each prompt's gradient over its rows.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
-from ..rollout.types import Rollouts
+from .types import Rollouts
 
 
 def token_logprobs(model, batch: Rollouts, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -110,3 +112,40 @@ def micro_batches(num_rows: int, lengths: torch.Tensor, size: int,
         order = order[torch.argsort(groups[order], stable=True)]
         order = order[torch.argsort(group_max[groups[order]], stable=True)]
     return [order[i:i + size] for i in range(0, num_rows, size)]
+
+
+def group_chunks(rows: torch.Tensor, lengths: torch.Tensor, micro_batch: int, n: int) -> list[torch.Tensor]:
+    """Micro-batches (positions into `rows`, batch row indices g·n + i) keeping each group's rows together."""
+    return micro_batches(len(rows), lengths, micro_batch, groups=rows.cpu() // n)
+
+
+class ReferenceLogprobs:
+    """The reference model's token log-probs of a step's rollout rows, each row computed at most once.
+
+    GRPOVI's p and the objective's KL or DPO term ask for the same rows, so they share one forward.
+    When the reference holds the very weights that sampled every row (`stand_in`), the sampler's own
+    log-probs (recorded at temperature 1) are the answer and no forward runs."""
+
+    def __init__(self, model: torch.nn.Module, rollouts: Rollouts, micro_batch: int, stand_in: bool):
+        self.model, self.rollouts, self.micro_batch, self.stand_in = model, rollouts, micro_batch, stand_in
+        self.values = torch.zeros(rollouts.completion_ids.shape, dtype=torch.float32,
+                                  device=rollouts.completion_ids.device)
+        self.done = torch.zeros(rollouts.completion_ids.shape[0], dtype=torch.bool)
+        self.seconds = 0.0  # forward time spent, for the step's time split
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [R] → log π_ref [R, T] (T the step's completion width; zero on padding)."""
+        if self.stand_in:
+            return self.rollouts.gen_logprobs[rows.to(self.rollouts.gen_logprobs.device)]
+        rows_cpu = rows.cpu()
+        todo = rows_cpu[~self.done[rows_cpu]]
+        if todo.numel():
+            start = time.perf_counter()
+            sub = self.rollouts.select(todo)
+            with torch.no_grad():
+                for chunk in group_chunks(todo, sub.lengths, self.micro_batch, self.rollouts.n):
+                    logps = token_logprobs(self.model, sub.select(chunk))[0]
+                    self.values[todo[chunk].to(self.values.device), :logps.shape[1]] = logps.float()
+            self.done[todo] = True
+            self.seconds += time.perf_counter() - start
+        return self.values[rows.to(self.values.device)]

@@ -1,58 +1,12 @@
-"""Pathway monitors (algorithms.md §5) during training and over a run's saved checkpoints."""
+"""`bridgerl monitor RUN_DIR`: pathway metrics of every saved checkpoint of a run, plotted beside its
+loss and held-out score."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
-
+from ..monitor.live import probe_from_rows
 from ..monitor.pathways import PathwayMonitor
-
-
-def probe_from_rows(tokenizer, rows: list[dict], count: int, max_length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training samples (prompt + their target text when the row has one), right-padded."""
-    from ..data.efficacy_config import answer_samples
-
-    picked = rows[:count]
-    has_target = all(r.get("completion") or r.get("solution") or r.get("answer") for r in picked)
-    if has_target:
-        seqs = [ids for ids, _ in answer_samples(tokenizer, picked, max_length)]
-    else:
-        seqs = [tokenizer.apply_chat_template(r["prompt"] if isinstance(r["prompt"], list)
-                                              else [{"role": "user", "content": r["prompt"]}], return_dict=False)
-                for r in picked]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-    return ids, mask
-
-
-class LiveMonitor:
-    """Measures every `every` steps; a dense policy gets one clear message, then the monitor is off."""
-
-    def __init__(self, cfg, tokenizer, rows: list[dict]):
-        ids, mask = probe_from_rows(tokenizer, rows, cfg.probe_samples)
-        self.monitor = PathwayMonitor(ids, mask, tau=cfg.tau, level=cfg.level)
-        self.every = cfg.every
-        self.enabled = True
-
-    def maybe_measure(self, model, step: int) -> dict[str, float]:
-        if not self.enabled or step % self.every:
-            return {}
-        try:
-            return self.monitor.measure(model)
-        except ValueError as err:
-            print(f"[bridgerl] monitor.pathways is off for this run: {err}")
-            self.enabled = False
-            return {}
-
-    def state_dict(self) -> dict:
-        return {"enabled": self.enabled}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.enabled = state["enabled"]
 
 
 def monitor_run(run_dir: str | Path, tau: float = 0.7, probe_samples: int = 32) -> Path:
@@ -60,7 +14,7 @@ def monitor_run(run_dir: str | Path, tau: float = 0.7, probe_samples: int = 32) 
     from ..config import load_config
     from ..models import load_causal_lm, load_tokenizer
     from ..train.checkpoint import load_checkpoint
-    from ..train.setup import build_rows
+    from ..train.run import build_rows
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")

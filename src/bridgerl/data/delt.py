@@ -1,5 +1,5 @@
-"""`data.efficacy` in the config → scores → selected and ordered row indices for the data stream,
-for RL prompts and SFT samples alike; and the scoring behind `bridgerl score`."""
+"""DELT in a run (algorithms.md §4): `data.efficacy` in the config → scores → selected and ordered row
+indices for the data stream, for RL prompts and SFT samples alike; and the scoring behind `bridgerl score`."""
 from __future__ import annotations
 
 import hashlib
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .encoding import answer_samples, target_text
 from .efficacy import align_scores, apply_efficacy, load_scores, plot_score_histogram, save_scores
 
 
@@ -22,7 +23,7 @@ def order_from_scores(eff, scores: np.ndarray, seed: int) -> np.ndarray:
 
 def row_key(row: dict) -> str:
     """A stable id from a row's content, so a scores file can never silently apply to other rows."""
-    text = json.dumps([row["prompt"], row.get("completion") or row.get("solution") or row.get("answer")],
+    text = json.dumps([row["prompt"], target_text(row)],
                       sort_keys=True, ensure_ascii=False)
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
@@ -37,20 +38,6 @@ def scores_from_file(path: str, rows: list[dict]) -> np.ndarray:
                          f"`bridgerl score`; the data, its size or the seed differ): {err}") from err
 
 
-def answer_samples(tokenizer, rows: list[dict], max_length: int = 256) -> list[tuple[list[int], int]]:
-    """(prompt + target tokens, prompt length): the target is the SFT completion, the worked
-    solution, or the gold answer — whichever the row has."""
-    from ..train.sft import encode_sft
-
-    targets = []
-    for i, r in enumerate(rows):
-        text = r.get("completion") or r.get("solution") or r.get("answer")
-        if not text:
-            raise ValueError(f"row {i}: loss-based scoring needs a completion, solution or answer column")
-        targets.append(dict(r, completion=str(text)))
-    return encode_sft(tokenizer, targets, max_length)
-
-
 def loss_based_scores(model, tokenizer, rows: list[dict]) -> np.ndarray:
     from .scorers import loss_scores, samples_from_prompt_lengths
 
@@ -58,33 +45,32 @@ def loss_based_scores(model, tokenizer, rows: list[dict]) -> np.ndarray:
     return loss_scores(model, samples, pad_id=tokenizer.pad_token_id, progress=True)
 
 
-def pass_rate(run, rows: list[dict], n: int = 8) -> np.ndarray:
+def pass_rate(generator, rewarder, tokenizer, rows: list[dict], sampling, seed: int, device, n: int = 8) -> np.ndarray:
     """The seed policy's mean reward over n samples per prompt: a prompt's learnability for RL."""
+    from ..rollout.types import sample_and_score
+    from .encoding import PromptEncoder
     from .scorers import pass_rate_scores
 
-    cfg = run.cfg
-    out = []
-    rng = torch.Generator(device=run.device).manual_seed(cfg.train.seed + 11)
+    out, encode = [], PromptEncoder(tokenizer)
+    rng = torch.Generator(device=device).manual_seed(seed + 11)
     for start in range(0, len(rows), 64):
         part = [dict(r, id=f"score:{start + i}") for i, r in enumerate(rows[start:start + 64])]
-        rollouts = run.generator.generate([run.encode_prompt(r) for r in part], n, cfg.rollout, rng)
-        expanded = [r for r in part for _ in range(n)]
-        scores, _ = run.rewarder([r["prompt"] for r in expanded], rollouts.completions, expanded)
+        _, scores, _ = sample_and_score(generator, rewarder, encode, part, n, sampling, rng)
         out.append(pass_rate_scores(scores.view(len(part), n).numpy()))
     return np.concatenate(out)
 
 
-def efficacy_order(run) -> np.ndarray:
-    """Row order for the RL prompt stream (the run's generator and rewarder score pass rates)."""
-    eff, rows = run.cfg.data.efficacy, run.train_rows
+def efficacy_order(eff, rows: list[dict], seed: int, out_dir: Path, policy=None, tokenizer=None,
+                   pass_rates=None) -> np.ndarray:
+    """Row order for the RL prompt stream; `pass_rates()` scores the rows when `eff.scorer == pass_rate`."""
     if eff.scorer == "file":
         scores = scores_from_file(_need_file(eff), rows)
     elif eff.scorer == "loss":
-        scores = loss_based_scores(run.policy, run.tokenizer, rows)
+        scores = loss_based_scores(policy, tokenizer, rows)
     else:
-        scores = pass_rate(run, rows)
-    plot_score_histogram(scores, run.out_dir / "efficacy_scores.png")
-    return order_from_scores(eff, scores, run.cfg.train.seed)
+        scores = pass_rates()
+    plot_score_histogram(scores, Path(out_dir) / "efficacy_scores.png")
+    return order_from_scores(eff, scores, seed)
 
 
 def efficacy_order_for_sft(cfg, model, tokenizer, rows: list[dict], encoded: list[tuple[list[int], int]]) -> np.ndarray:
@@ -122,11 +108,11 @@ def lqs_target_rows(spec: str, train_rows: list[dict], size: int, seed: int) -> 
     from .tasks import builtin_rows
 
     taken = {r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"]) for r in train_rows}
-    fresh = [r for r in builtin_rows(spec, 4 * size, seed + 7919, "train") if r["prompt"] not in taken]
-    if len(fresh) < size:
+    unseen = [r for r in builtin_rows(spec, 4 * size, seed + 7919, "train") if r["prompt"] not in taken]
+    if len(unseen) < size:
         raise ValueError(f"built-in task {spec!r} has too few problems outside the scored rows for an LQS target set "
                          f"of {size}; pass --target FILE.jsonl")
-    return fresh[:size]
+    return unseen[:size]
 
 
 def write_scores(path: str | Path, scores: np.ndarray, rows: list[dict]) -> Path:
