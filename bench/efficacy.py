@@ -77,17 +77,62 @@ CONDITIONS = [
 # ---------------------------------------------------------------- data
 
 def level_rows(levels, per_level: int, seed: int, split: str, exclude: set[str] = frozenset()) -> list[dict]:
-    """`per_level` rows of each arithmetic level, none whose prompt is in `exclude`."""
-    out = []
+    """`per_level` distinct rows of each arithmetic level, none whose prompt is in `exclude`.
+
+    Distinct across the whole mix: each level's rows are distinct, but the levels overlap (a
+    one-digit sum is also an `easy` problem), so a plain draw of the default mix repeats 145
+    prompts; repeated prompts share one score id, which the score files reject, and would weight
+    those problems twice."""
+    out, exclude = [], set(exclude)
     for level in levels:
-        ask = per_level
+        ask, kept, before = per_level, [], -1
         while True:  # draws of one seed are prefixes of each other, so asking for more only appends
-            kept = [r for r in builtin_rows(f"arithmetic:{level}", ask, seed, split) if r["prompt"] not in exclude]
+            seen, kept = set(exclude), []
+            for r in builtin_rows(f"arithmetic:{level}", ask, seed, split):
+                if r["prompt"] not in seen:
+                    seen.add(r["prompt"])
+                    kept.append(r)
             if len(kept) >= per_level:
                 break
+            if len(kept) == before:  # the last, larger draw found no new problem
+                raise ValueError(f"arithmetic:{level} ({split}) has only {len(kept)} distinct problems outside "
+                                 f"the excluded ones; ask for fewer than {per_level} rows per level")
+            before = len(kept)
             ask += 2 * (per_level - len(kept))
         out += kept[:per_level]
+        exclude |= {r["prompt"] for r in kept[:per_level]}
     return [dict(r, completion=r["solution"]) for r in out]
+
+
+def corrupt_rows(rows: list[dict], share: float, seed: int) -> tuple[list[dict], np.ndarray]:
+    """A quality axis for the scores to find: `share` of the rows get a wrong target (the worked
+    solution's result and boxed answer moved by 1-5), the rest stay correct. Returns the rows and a
+    bool mask of the corrupted ones. Held-out rows are never corrupted."""
+    rng = np.random.default_rng(seed)
+    bad = np.zeros(len(rows), dtype=bool)
+    bad[rng.choice(len(rows), size=round(share * len(rows)), replace=False)] = True
+    out = []
+    for row, corrupt in zip(rows, bad):
+        if corrupt:
+            answer = int(row["answer"])
+            wrong = answer + int(rng.choice([-1, 1])) * int(rng.integers(1, 6))
+            wrong = wrong if wrong >= 0 else answer + abs(wrong - answer)
+            completion = row["completion"].replace(f"= {answer}.", f"= {wrong}.").replace(
+                f"\\boxed{{{answer}}}", f"\\boxed{{{wrong}}}")
+            if completion == row["completion"]:
+                raise ValueError(f"could not corrupt the target of {row['prompt']!r}: {completion!r}")
+            row = dict(row, completion=completion)
+        out.append(row)
+    return out, bad
+
+
+def auc(high: np.ndarray, low: np.ndarray) -> float:
+    """P(a score from `high` > a score from `low`), ties counted half: 1.0 ranks every `high` row
+    above every `low` row, 0.5 is no better than chance."""
+    high, low = np.asarray(high, dtype=np.float64), np.asarray(low, dtype=np.float64)
+    greater = (high[:, None] > low[None, :]).mean()
+    ties = (high[:, None] == low[None, :]).mean()
+    return float(greater + 0.5 * ties)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -151,7 +196,8 @@ def summary(values: np.ndarray, base: np.ndarray | None) -> dict:
 
 # ---------------------------------------------------------------- the experiment
 
-def score_data(args, out: Path, train_rows, proxy_path: Path, target_rows) -> tuple[dict, dict]:
+def score_data(args, out: Path, train_rows, proxy_path: Path, target_rows,
+               corrupted: np.ndarray) -> tuple[dict, dict]:
     """Warm up the scorer model, then loss and LQS scores of every training row (written with histograms)."""
     init = make_tiny_model(out / "scorer_init", "llama", args.size, seed=SCORER_SEED)
     steps = max(1, args.scorer_rows // args.batch_size)
@@ -170,6 +216,15 @@ def score_data(args, out: Path, train_rows, proxy_path: Path, target_rows) -> tu
     info["lqs_scoring_s"] = time.perf_counter() - clock
     for name, s in (("loss", loss), ("lqs", lqs)):
         write_scores(out / f"scores_{name}.jsonl", s, train_rows)
+    if corrupted.any():
+        # the check before any order is compared: a useful score ranks wrong targets as low value
+        # (LQS: low score; loss: high loss, so its "value" is the negated loss)
+        clean = ~corrupted
+        info["quality_check"] = {"corrupted_rows": int(corrupted.sum()),
+                                 "lqs_auc": auc(lqs[clean], lqs[corrupted]),
+                                 "loss_auc": auc(-loss[clean], -loss[corrupted]),
+                                 "pass_at": args.quality_auc}
+        info["quality_check"]["lqs_pass"] = info["quality_check"]["lqs_auc"] >= args.quality_auc
 
     levels = args.levels
     level = np.asarray([levels.index(r["difficulty"]) for r in train_rows])
@@ -199,6 +254,7 @@ def run(args) -> dict:
     levels = args.levels
     per_level = args.rows // len(levels)
     train_rows = level_rows(levels, per_level, DATA_SEED, "train")
+    train_rows, corrupted = corrupt_rows(train_rows, args.corrupt, DATA_SEED)
     taken = {r["prompt"] for r in train_rows}
     proxy_rows = level_rows(levels, args.scorer_rows // len(levels), PROXY_SEED, "train", taken)
     target_rows = level_rows(levels, args.target_per_level, TARGET_SEED, "train",
@@ -211,7 +267,13 @@ def run(args) -> dict:
 
     print(f"[efficacy] D = {len(train_rows)} rows ({per_level}/level), {steps} steps x batch {args.batch_size}; "
           f"eval {len(eval_rows)} held-out rows; LQS target {len(target_rows)} rows", flush=True)
-    scores, info = score_data(args, out, train_rows, proxy_path, target_rows)
+    scores, info = score_data(args, out, train_rows, proxy_path, target_rows, corrupted)
+    if "quality_check" in info:
+        q = info["quality_check"]
+        print(f"[efficacy] quality check ({q['corrupted_rows']} rows with wrong targets): LQS ranks clean above "
+              f"corrupted with AUC {q['lqs_auc']:.3f}, loss {q['loss_auc']:.3f} (pass at {q['pass_at']}); "
+              + ("LQS passes" if q["lqs_pass"] else "LQS FAILS: its orders below are not evidence about DELT"),
+              flush=True)
     print(f"[efficacy] scoring: loss {info['loss_scoring_s']:.1f}s, LQS {info['lqs_scoring_s']:.1f}s "
           f"(T={args.lqs_steps}); spearman {json.dumps({k: round(v, 3) for k, v in info['spearman'].items()})}",
           flush=True)
@@ -283,6 +345,11 @@ def print_table(res: dict) -> None:
           f"samples/s vs Python loop {t['loop_samples_per_s']:.0f} samples/s -> {t['speedup']:.2f}x")
     print(f"scoring time: loss {info['loss_scoring_s']:.1f}s, LQS {info['lqs_scoring_s']:.1f}s "
           f"(T={cfg['lqs_steps']}, scored every 10), scorer warm-up {info['scorer_warmup_s']:.1f}s")
+    if "quality_check" in info:
+        q = info["quality_check"]
+        print(f"quality check: {q['corrupted_rows']} corrupted targets; clean-above-corrupted AUC LQS "
+              f"{q['lqs_auc']:.3f}, loss {q['loss_auc']:.3f}; LQS {'passes' if q['lqs_pass'] else 'fails'} "
+              f"(≥ {q['pass_at']})")
     print("score ranks (spearman): " + ", ".join(f"{k} {v:+.2f}" for k, v in info["spearman"].items()))
     print(f"top-50% keeps ({'/'.join(cfg['levels'])} share): LQS "
           + "/".join(f"{v:.2f}" for v in info["lqs_top50_level_share"].values())
@@ -328,6 +395,10 @@ def main() -> None:
     p.add_argument("--target-per-level", type=int, default=16, help="LQS target-set rows per level")
     p.add_argument("--eval-per-level", type=int, default=None, help="held-out rows per level; default 100, quick 40")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--corrupt", type=float, default=0.2,
+                   help="share of training rows given a wrong target (the quality axis LQS must find); 0 = none")
+    p.add_argument("--quality-auc", type=float, default=0.75,
+                   help="LQS must rank clean rows above corrupted ones with at least this AUC")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a loaded 2-core box)")
     args = p.parse_args()
     quick = args.quick

@@ -14,7 +14,14 @@ from bridgerl.demo.stages import MARKER, StageRunner
 TOY = replace(
     FULL, size="nano", sft_rows=48, sft_steps=6, sft_batch=8, preference_share=0.25, steps=2, prompts_per_step=2,
     n=2, max_new_tokens=6, semi_online=(2, 3), eval_every=1, num_eval=4, num_train=8, rm_steps=3, rm_batch=4,
-    pref_steps=2, mixed_eval_per_task=3)
+    pref_steps=2, mixed_eval_per_task=3, rl_seeds=2, final_samples=2)
+STAGES = 3 + 5 * TOY.rl_seeds + 1 + 3 + 2  # tiny, seed, seed eval; regimes × seeds; RM; RM leg; multitask, cross
+
+
+def run_folders(out, toy=TOY):
+    """Every training run folder of the demo: each verifiable regime once per training seed."""
+    folders = [out / "runs" / r.slug / f"seed{k}" for r in verifiable_regimes(toy) for k in range(toy.rl_seeds)]
+    return folders + [out / "runs" / r.slug for r in preference_regimes(toy)] + [out / "runs" / "multitask_online_dpo"]
 
 
 @pytest.fixture(scope="module")
@@ -27,25 +34,49 @@ def demo_dir(tmp_path_factory):
 
 def test_every_stage_runs_and_the_report_is_written(demo_dir):
     out, logs = demo_dir
-    slugs = [r.slug for r in verifiable_regimes(TOY) + preference_regimes(TOY)] + ["multitask_online_dpo"]
-    for slug in slugs:
-        lines = [json.loads(x) for x in (out / "runs" / slug / "metrics.jsonl").read_text().splitlines()]
-        expected = TOY.pref_steps if slug.startswith("pref_") else TOY.steps
+    for folder in run_folders(out):
+        lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        expected = TOY.pref_steps if folder.name.startswith("pref_") else TOY.steps
         assert [m["step"] for m in lines if "reward/mean" in m] == list(range(1, expected + 1))
         assert lines[-1].get("final") and "eval/score" in lines[-1]
-        assert (out / "runs" / slug / "final" / "config.json").exists()
-        assert (out / "runs" / slug / "demo_config.yaml").exists()  # the exact config, rerunnable by hand
+        assert (folder / "final" / "config.json").exists()
+        assert (folder / "demo_config.yaml").exists()  # the exact config, rerunnable by hand
     assert (out / "tiny" / "config.json").exists() and (out / "seed" / "model" / "config.json").exists()
     rm = json.loads((out / "reward_model" / MARKER).read_text())["result"]
     assert 0.0 <= rm["heldout_accuracy"] <= 1.0
     report = (out / "report.md").read_text()
-    for name in ("offline DPO", "semi-online DPO (s=3)", "online DPO (s=1)", "GRPO", "OPTune", "GRPO + VI",
+    for name in ("offline DPO", "semi-online DPO (s=3)", "online DPO (s=1)", "GRPO", "GRPO + VI",
                  "online DPO, mixed", "hidden rule"):
         assert name in report, name
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert any(p.endswith("heldout_score.png") for p in pngs) and any(p.endswith("entropy.png") for p in pngs)
-    assert len(pngs) >= 8  # four metrics × (verifiable leg, reward-model leg) at least
-    assert sum("..." in line for line in logs) == 14  # every stage announced itself and ran
+    assert len(pngs) >= 9  # four metrics × (verifiable leg, reward-model leg) at least, and held-out vs s
+    assert "heldout_vs_sync_every.png" in pngs and "(plots/heldout_vs_sync_every.png)" in report
+    assert sum("..." in line for line in logs) == STAGES  # every stage announced itself and ran
+
+
+def test_summary_json_holds_every_regime_over_its_seeds_and_heads_the_report(demo_dir):
+    from bridgerl.report.summary import read_summary
+
+    out, _ = demo_dir
+    summary = read_summary(out)
+    assert summary["task"] == TOY.rl_task
+    regimes = {r["name"]: r for r in summary["regimes"]}
+    assert list(regimes) == [r.name for r in verifiable_regimes(TOY)]
+    assert regimes["offline DPO"]["sync_every"] == 0 and regimes["online DPO (s=1)"]["sync_every"] == 1
+    assert regimes["GRPO"]["algo"] == "grpo" and regimes["semi-online DPO (s=3)"]["sync_every"] == 3
+    for r in summary["regimes"]:
+        assert r["seeds"] == [0, 1] and r["steps"] == TOY.steps and len(r["final"]) == 2
+        # each seed's score is the stage's own sampled evaluation of that seed's final model
+        for k, value in zip(r["seeds"], r["final"]):
+            slug = next(g.slug for g in verifiable_regimes(TOY) if g.name == r["name"])
+            stage = json.loads((out / "runs" / slug / f"seed{k}" / MARKER).read_text())["result"]
+            assert value == stage["sampled"]["mean"] and stage["sampled"]["samples"] == TOY.final_samples
+        assert abs(r["mean"] - sum(r["final"]) / 2) < 1e-12
+        assert abs(r["se"] - abs(r["final"][0] - r["final"][1]) / 2) < 1e-12  # SE of two values: |a − b| / 2
+        assert r["generated_tokens"] > 0 and r["wall_s"] > 0
+    first = (out / "report.md").read_text().splitlines()[2]
+    assert first.startswith("**Over the seed model") and "online DPO" in first and "offline DPO" in first
 
 
 def test_the_multitask_run_scores_each_task_with_its_own_reward(demo_dir):
@@ -61,13 +92,14 @@ def test_regimes_share_the_seed_and_budget(demo_dir):
     import yaml
 
     out, _ = demo_dir
-    cfgs = {r.slug: yaml.safe_load((out / "runs" / r.slug / "config.yaml").read_text()) for r in verifiable_regimes(TOY)}
+    cfgs = {f"{r.slug}/{k}": yaml.safe_load((out / "runs" / r.slug / f"seed{k}" / "config.yaml").read_text())
+            for r in verifiable_regimes(TOY) for k in range(TOY.rl_seeds)}
+    assert {c["train"]["seed"] for c in cfgs.values()} == set(range(TOY.rl_seeds))
     seeds = {c["model"]["path"] for c in cfgs.values()}
     assert len(seeds) == 1 and seeds.pop().endswith("seed/model")
     assert {(c["train"]["steps"], c["data"]["prompts_per_step"], c["rollout"]["n"]) for c in cfgs.values()} == {
         (TOY.steps, TOY.prompts_per_step, TOY.n)}
-    assert cfgs["offline_dpo"]["rollout"]["sync_every"] == 0 and cfgs["online_dpo"]["rollout"]["sync_every"] == 1
-    assert cfgs["optune"]["algo"]["optune"]["rho"] == TOY.optune_rho
+    assert cfgs["offline_dpo/0"]["rollout"]["sync_every"] == 0 and cfgs["online_dpo/1"]["rollout"]["sync_every"] == 1
 
 
 def test_second_run_is_all_cached_and_a_changed_setting_reruns_only_what_depends_on_it(demo_dir):
@@ -75,7 +107,7 @@ def test_second_run_is_all_cached_and_a_changed_setting_reruns_only_what_depends
     logs: list[str] = []
     run_demo(out, seed=0, settings=TOY, log=logs.append)
     assert not any(line.endswith("...") for line in logs)
-    assert sum("cached" in line for line in logs if "] [" in line) == 14
+    assert sum("cached" in line for line in logs if "] [" in line) == STAGES
     logs.clear()
     run_demo(out, seed=0, settings=replace(TOY, pref_steps=3), log=logs.append)
     reran = [line for line in logs if "settings changed" in line]

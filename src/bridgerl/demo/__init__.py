@@ -61,27 +61,37 @@ def _run_demo(out: Path, quick: bool, seed: int, settings: DemoSettings | None, 
     st = settings or settings_for(quick)
     out.mkdir(parents=True, exist_ok=True)
     regimes, prefs = P.verifiable_regimes(st), P.preference_regimes(st)
-    runner = StageRunner(out, total=2 + len(regimes) + 1 + len(prefs) + 2, **({"log": log} if log else {}))
+    rl_seeds = [seed + k for k in range(st.rl_seeds)]
+    runner = StageRunner(out, total=3 + len(regimes) * len(rl_seeds) + 1 + len(prefs) + 2,
+                         **({"log": log} if log else {}))
     say = runner.say
     start = time.perf_counter()
     import torch
 
-    say(f"{'quick' if quick else 'full'} demo in {out}; seed {seed}; "
-        f"each regime: {st.rl_budget()} on {st.rl_task}; {torch.get_num_threads()} torch thread(s)")
+    say(f"{'quick' if quick else 'full'} demo in {out}; seed {seed}; each regime: {st.rl_budget()} on "
+        f"{st.rl_task}, training seeds {rl_seeds}; {torch.get_num_threads()} torch thread(s)")
 
     tiny, seeded = tiny_and_seed_stages(runner, out, st, seed)
     acc = seeded.result["accuracy"]
     say(f"  seed held-out accuracy on {st.rl_task}: {acc['mean']:.3f} ± {acc['se']:.3f} (greedy, "
         f"{st.num_eval} prompts); hidden-rule rate on preference prompts {seeded.result['hidden_rule']['mean']:.2f}")
     seed_model = Path(seeded.result["model"])
+    seed_sampled = runner.run("seed: sampled held-out evaluation", out / "seed_eval",
+                              _pick(st, P.FINAL_EVAL_KEYS) | {"seed": seed},
+                              lambda f: P.sampled_score(seed_model, st, seed, f), deps=[seeded])
+    say(f"  seed {P.sampled_label(st)}: {seed_sampled.result['mean']:.3f} ± {seed_sampled.result['se']:.3f}")
 
-    comparison = []
+    comparison = []  # (regime, [StageResult per training seed])
     for r in regimes:
-        folder = out / "runs" / r.slug
-        raw = P.merge_dicts(P.base_config(st, seed_model, folder, seed), r.overrides)
-        res = runner.run(r.name, folder, raw, lambda f, raw=raw: P.stage_train(f, raw), deps=[seeded])
-        comparison.append((r, res))
-        _say_result(say, res)
+        per_seed = []
+        for rs in rl_seeds:
+            folder = out / "runs" / r.slug / f"seed{rs}"
+            raw = P.merge_dicts(P.base_config(st, seed_model, folder, rs), r.overrides)
+            res = runner.run(f"{r.name}, training seed {rs}", folder, raw | {"final_eval": _pick(st, P.FINAL_EVAL_KEYS)},
+                             lambda f, raw=raw, rs=rs: P.stage_train_scored(f, raw, st, seed), deps=[seeded])
+            per_seed.append(res)
+            _say_result(say, res, extra=f"{P.sampled_label(st)} {res.result['sampled']['mean']:.3f}")
+        comparison.append((r, per_seed))
 
     rm = reward_model_stage(runner, out, st, seed, tiny)
     say(f"  reward model held-out pair accuracy: {rm.result['heldout_accuracy']:.3f} "
@@ -105,16 +115,17 @@ def _run_demo(out: Path, quick: bool, seed: int, settings: DemoSettings | None, 
     _say_result(say, mixed)
 
     models = {"seed": seed_model,
-              "online DPO, arithmetic only": _final(dict(comparison), "online_dpo"),
+              "online DPO, arithmetic only": _final({r: res[0] for r, res in comparison}, "online_dpo"),
               "online DPO, preference only": _final(dict(preference), "pref_online_dpo"),
               "online DPO, mixed": mixed.folder / "final"}
     cross = runner.run("cross-task evaluation (the multi-task table)", out / "cross_eval",
                        {"models": {k: str(v) for k, v in models.items()}, "seed": seed,
                         "n": st.mixed_eval_per_task},
                        lambda f: _cross_eval(P, f, st, models, rm_reward, seed),
-                       deps=[seeded, rm, mixed] + [res for _, res in comparison + preference])
+                       deps=[seeded, rm, mixed] + [res for _, res in preference] + [res for _, rs in comparison for res in rs])
 
-    path, tables = demo_report(out, st, seed, quick, runner, comparison, preference, mixed, cross)
+    summary = P.demo_summary(st, seed_sampled.result, seeded.result["accuracy"], comparison)
+    path, tables = demo_report(out, st, seed, quick, runner, comparison, preference, mixed, cross, summary)
     say(f"all stages done in {time.perf_counter() - start:.0f} s (this invocation); report: {path}")
     for title, table in tables:
         print(f"\n{title}\n{table.text()}", flush=True)

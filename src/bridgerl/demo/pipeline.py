@@ -32,7 +32,9 @@ class Regime:
 
 
 def verifiable_regimes(st: DemoSettings) -> list[Regime]:
-    """Offline, two semi-online, online DPO, GRPO and OPTune: same seed, steps, prompts, samples."""
+    """Offline, two semi-online, online DPO and GRPO: same seed, steps, prompts, samples. OPTune is
+    not among them: the full demo's time budget holds three training seeds of five regimes, and
+    bench/optune.py measures OPTune against online DPO on the same seed model."""
     dpo = {"name": "dpo", "beta": st.dpo_beta}
     synced = {"sync": "with_generator"}  # the paper syncs the DPO reference with the generator on math
     a, b = st.semi_online
@@ -44,9 +46,6 @@ def verifiable_regimes(st: DemoSettings) -> list[Regime]:
                {"algo": dpo, "rollout": {"sync_every": a}, "reference": synced}),
         Regime("online DPO (s=1)", "online_dpo", {"algo": dpo, "rollout": {"sync_every": 1}, "reference": synced}),
         Regime("GRPO", "grpo", {"algo": {"name": "grpo", "beta": st.grpo_beta}, "rollout": {"sync_every": 1}}),
-        Regime(f"OPTune (ρ={st.optune_rho})", "optune",
-               {"algo": dict(dpo, optune={"rho": st.optune_rho}), "rollout": {"sync_every": 1},
-                "reference": synced}),
     ]
 
 
@@ -71,7 +70,8 @@ def base_config(st: DemoSettings, model: Path, out_dir: Path, seed: int) -> dict
     """The settings every comparison run shares (a plain dict, validated by load_config)."""
     return {
         "model": {"path": str(model)},
-        "rollout": {"n": st.n, "max_new_tokens": st.max_new_tokens, "temperature": 1.0, "sync_every": 1},
+        "rollout": {"n": st.n, "max_new_tokens": st.max_new_tokens, "temperature": st.rollout_temperature,
+                    "sync_every": 1},
         "data": {"train": f"builtin:{st.rl_task}", "num_train": st.num_train, "num_eval": st.num_eval,
                  "prompts_per_step": st.prompts_per_step},
         "rewards": {"tasks": {"arithmetic": {"kind": "math"}}},
@@ -191,6 +191,59 @@ def stage_train(folder: Path, raw: dict) -> dict:
     run = train(config_from(raw, folder / "demo_config.yaml"))
     final = [json.loads(x) for x in (run.out_dir / "metrics.jsonl").read_text().splitlines()][-1]
     return {k: v for k, v in final.items() if k.startswith("eval/")} | {"steps": run.step}
+
+
+FINAL_EVAL_KEYS = ("rl_task", "num_eval", "final_samples", "final_temperature", "max_new_tokens")
+
+
+def sampled_label(st: DemoSettings) -> str:
+    return f"sampled held-out accuracy (T={st.final_temperature}, {st.final_samples} samples × {st.num_eval} prompts)"
+
+
+def sampled_score(model: Path, st: DemoSettings, seed: int, scratch: Path) -> dict:
+    """The headline measure for one model: the same prompts and random stream for every model."""
+    from .evaluation import evaluate_sampled
+
+    return evaluate_sampled(model, f"builtin:{st.rl_task}", {"arithmetic": {"kind": "math"}}, st.num_eval,
+                            st.final_samples, st.final_temperature, 1.0, st.max_new_tokens, seed, scratch)
+
+
+def stage_train_scored(folder: Path, raw: dict, st: DemoSettings, seed: int) -> dict:
+    """stage_train, then the final model's sampled score and the run's cost (tokens, step time)."""
+    from ..report import load_run
+
+    result = stage_train(folder, raw)
+    run = load_run(folder)
+    return result | {"sampled": sampled_score(folder / "final", st, seed, folder / "eval_sampled"),
+                     "generated_tokens": run.total("tokens/generated"), "trained_tokens": run.total("tokens/trained"),
+                     "wall_s": run.wall_s}
+
+
+def demo_summary(st: DemoSettings, seed_sampled: dict, seed_greedy: dict, comparison: list) -> dict:
+    """summary.json's content (report/summary.py has the schema): one entry per regime, its final
+    sampled score per training seed, their mean ± SE, and the greedy scores beside them."""
+    from ..report.summary import across_seeds
+
+    regimes = []
+    for regime, results in comparison:
+        cfg = merge_dicts({"rollout": {"sync_every": 1}}, regime.overrides)
+        finals = [r.result["sampled"]["mean"] for r in results]
+        greedy = [r.result["eval/score"] for r in results]
+        mean, se = across_seeds(finals)
+        g_mean, g_se = across_seeds(greedy)
+        entry = {"name": regime.name, "algo": cfg["algo"]["name"], "sync_every": cfg["rollout"]["sync_every"],
+                 "steps": st.steps, "seeds": [int(r.folder.name.removeprefix("seed")) for r in results],
+                 "final": finals, "mean": mean, "se": se,
+                 "greedy": {"final": greedy, "mean": g_mean, "se": g_se}}
+        if "optune" in cfg["algo"]:
+            entry["optune"] = cfg["algo"]["optune"]
+        for key in ("generated_tokens", "trained_tokens", "wall_s"):
+            entry[key] = sum(r.result[key] for r in results) / len(results)
+        regimes.append(entry)
+    return {"task": st.rl_task, "metric": sampled_label(st),
+            "seed_model": {"mean": seed_sampled["mean"], "se": seed_sampled["se"],
+                           "greedy": {"mean": seed_greedy["mean"], "se": seed_greedy["se"]}},
+            "budget": st.rl_budget(), "lr": st.lr, "warmup_steps": st.warmup_steps, "regimes": regimes}
 
 
 def write_summary(run_dir: Path, values: dict) -> None:

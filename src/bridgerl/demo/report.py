@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..report import Section, Table, load_run, write_report
 from ..report.runs import Estimate
+from ..report.summary import SUMMARY, headline, plot_sync_every, summary_table, write_summary
 from .settings import DemoSettings
 from .stages import StageResult, StageRunner
 
@@ -30,7 +31,7 @@ def _est(d: dict) -> str:
 
 def demo_report(out: Path, st: DemoSettings, seed: int, quick: bool, runner: StageRunner,
                 comparison: list, preference: list, mixed: StageResult,
-                cross: StageResult) -> tuple[Path, list[tuple[str, Table]]]:
+                cross: StageResult, summary: dict) -> tuple[Path, list[tuple[str, Table]]]:
     def runs_of(pairs):
         loaded = []
         for regime, res in pairs:
@@ -42,13 +43,27 @@ def demo_report(out: Path, st: DemoSettings, seed: int, quick: bool, runner: Sta
     rm_res = runner.results[next(k for k in runner.results if k.startswith("reward model"))]
     acc = seed_res.result["accuracy"]
 
+    first_seed = [(regime, results[0]) for regime, results in comparison]
+    for old in (out / "plots").glob("*.png"):  # the demo folder's own plots from an earlier report
+        old.unlink()
+    write_summary(out / SUMMARY, summary)
+    sync_png = plot_sync_every(summary, out / "plots" / "heldout_vs_sync_every.png")
+    seeds = summary["regimes"][0]["seeds"] if summary["regimes"] else []
     verifiable = Section(
-        f"Verifiable task ({st.rl_task}): offline → semi-online → online", runs_of(comparison), slug="verifiable",
-        note=(f"Every run starts from the same seed (SFT held-out accuracy {_est(acc)}) with the same budget: "
-              f"{st.rl_budget()}, max {st.max_new_tokens} new tokens, lr {st.lr}. DPO pairs a random correct "
-              "with a random incorrect sample; the reference follows the generator except offline. "
+        f"Verifiable task ({st.rl_task}): offline → semi-online → online", runs_of(first_seed), slug="verifiable",
+        table=summary_table(summary),
+        note=(f"Every run starts from the same seed model with the same budget: {st.rl_budget()}, max "
+              f"{st.max_new_tokens} new tokens, lr {st.lr} after {st.warmup_steps} warm-up steps, training seeds "
+              f"{seeds}. *held-out* is the final model's {summary['metric']}, mean ± standard error across "
+              "the training seeds; every model is scored on the same prompts with the same random stream, so "
+              "the seed model's own prompt-sampling error (shown on its row) is shared by every row and does not "
+              f"enter the differences. *greedy* is the run's own last evaluation (greedy, {st.num_eval} prompts; "
+              f"seed model greedy {_est(acc)}): it flips on near-ties and is noisier. DPO pairs a random correct "
+              "with a random incorrect sample; the reference follows the generator except offline. The plots "
+              f"against step show training seed {seeds[0] if seeds else '?'} of each regime. "
               "GRPO + VI is not run here: on binary rewards the variance increase returns the rewards "
-              "unchanged (algorithms.md §6), so it would equal GRPO; it runs on the reward-model leg below."))
+              "unchanged (algorithms.md §6), so it would equal GRPO; it runs on the reward-model leg below."),
+        extra=(f"![held-out vs sync_every](plots/{sync_png.name})" if sync_png else ""))
 
     pref_runs = runs_of(preference)
     preference_section = Section(
@@ -73,12 +88,11 @@ def demo_report(out: Path, st: DemoSettings, seed: int, quick: bool, runner: Sta
 
     wall = sum(r.wall_s for r in runner.results.values())
     preamble = (
+        f"**{headline(summary)}**\n\n"
         f"`bridgerl demo{' --quick' if quick else ''} --seed {seed}` on {machine_line()}.\n\n"
         f"Stage wall times sum to {wall:.0f} s (cached stages count the time they took when they ran). "
         "Numbers are what the runs measured; with so few evaluation prompts, differences within about two "
         "standard errors are noise.")
     sections = [verifiable, preference_section, multitask]
-    for old in (out / "plots").glob("*.png"):  # the demo folder's own plots from an earlier report
-        old.unlink()
     path = write_report(sections, out, title="bridgerl demo", preamble=preamble)
     return path, [(s.title, s.comparison()) for s in sections]

@@ -4,7 +4,9 @@
     build_report(["runs/online", "runs/offline"], "runs/report")   # → runs/report/report.md
 
 `bridgerl report RUN_DIR... --out DIR` does the same from the command line; the demo builds its
-report with `write_report` and one `Section` per leg.
+report with `write_report` and one `Section` per leg. A demo folder (one holding summary.json, see
+summary.py) given to `build_report` is reported from its summary: the headline, the across-seed
+table and the plot of held-out score against sync_every.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from .plots import PLOTS, plot_metric
 from .runs import Estimate, RunData, load_run, regime_name
+from .summary import headline, is_summary_folder, plot_sync_every, read_summary, summary_table
 from .table import Table, comparison_table
 
 __all__ = ["Section", "write_report", "build_report", "load_run", "comparison_table", "RunData", "Estimate",
@@ -87,6 +90,11 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path,
     """Report for any run folders: one table and one set of plots; returns (report.md, table)."""
     if not run_dirs:
         raise ValueError("give at least one run folder")
+    summaries = [d for d in run_dirs if is_summary_folder(d)]
+    if summaries:
+        if len(summaries) < len(run_dirs):
+            raise ValueError("give either demo folders (with summary.json) or run folders, not both")
+        return _summary_report(summaries, out_dir, title)
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]
     if len(set(names)) < len(names):  # same folder name under different parents: use the full path
@@ -95,3 +103,21 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path,
     section = Section("runs", runs)
     path = write_report([section], out_dir, title)
     return path, section.comparison()
+
+
+def _summary_report(folders: list[str | Path], out_dir: str | Path, title: str) -> tuple[Path, Table]:
+    """Report of one or more demo folders from their summary.json: headline, table, sync plot each."""
+    out = Path(out_dir)
+    parts, tables = [f"# {title}", ""], []
+    for k, folder in enumerate(folders):
+        summary = read_summary(folder)
+        table = summary_table(summary)
+        tables.append(table)
+        png = plot_sync_every(summary, out / "plots" / f"heldout_vs_sync_every_{k}.png")
+        parts += [f"## {folder}: {summary.get('task', '')}", "", f"**{headline(summary)}**", "", table.markdown(), ""]
+        if png is not None:
+            parts += [f"![held-out vs sync_every](plots/{png.name})", ""]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.md"
+    path.write_text("\n".join(parts))
+    return path, Table(tables[0].headers, [row for t in tables for row in t.rows])

@@ -1,0 +1,46 @@
+"""bench/efficacy.py's data: distinct rows across the level mix (the 'ids must be unique' crash) and the
+corrupted-target quality axis with its AUC check."""
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bridgerl.data.efficacy import save_scores
+from bridgerl.data.delt import row_key
+from bridgerl.rewards.math import math_reward
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = Path(__file__).resolve().parents[1] / "bench" / "efficacy.py"
+    spec = importlib.util.spec_from_file_location("bench_efficacy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_default_level_mix_has_distinct_rows_and_score_ids(bench, tmp_path):
+    rows = bench.level_rows(["tiny", "easy"], 2000, bench.DATA_SEED, "train")
+    assert len(rows) == 4000 and len({r["prompt"] for r in rows}) == 4000
+    save_scores(tmp_path / "s.jsonl", np.arange(len(rows), dtype=float), [row_key(r) for r in rows])  # raised before
+    other = bench.level_rows(["tiny", "easy"], 100, bench.PROXY_SEED, "train", {r["prompt"] for r in rows})
+    assert not {r["prompt"] for r in other} & {r["prompt"] for r in rows}
+
+
+def test_corrupted_rows_have_wrong_targets_and_the_rest_stay_right(bench):
+    rows = bench.level_rows(["tiny", "easy"], 50, 0, "train")
+    out, bad = bench.corrupt_rows(rows, 0.3, 0)
+    assert bad.sum() == 30
+    for row, corrupt in zip(out, bad):
+        boxed = re.search(r"\\boxed\{(-?\d+)\}", row["completion"]).group(1)
+        assert math_reward([row["completion"]], answer=[row["answer"]])[0] == (0.0 if corrupt else 1.0)
+        assert (boxed != row["answer"]) == corrupt and int(boxed) >= 0
+
+
+def test_auc_is_the_share_of_pairs_ranked_the_right_way(bench):
+    assert bench.auc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert bench.auc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 0.0
+    assert bench.auc(np.array([1.0, 3.0]), np.array([2.0])) == 0.5
+    assert bench.auc(np.array([1.0]), np.array([1.0])) == 0.5
