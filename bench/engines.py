@@ -95,7 +95,7 @@ def main() -> None:
                                                                          args.repeats, args.device)
             tol = 1e-3 if args.dtype == "float32" else 0.2
             m = push_weights(vgen, policy, 1, 600, probe_sequences(vocab), tolerance=tol)
-            result["push_s"], result["push_diff"] = m["sync/seconds"], m["sync/max_logprob_diff"]
+            result["push_s"], result["push_diff"] = m["time/sync_verified"], m["sync/max_logprob_diff"]
             vgen.close()
             del vgen
         if "hf" in args.engines:

@@ -36,7 +36,7 @@ def evaluate_sampled(model: Path, data: str, rewards: dict, num: int, samples: i
     """
     from ..rollout.hf import HFGenerator
     from ..train.run import build_run
-    from .pipeline import config_from
+    from .settings import config_from
 
     raw = {"model": {"path": str(model)}, "rewards": {"tasks": rewards},
            "data": {"train": data, "num_train": 1, "num_eval": num},

@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 from ..data.tasks import builtin_rows, hidden_rule_score
-from .settings import DemoSettings
+from .settings import DemoSettings, config_from
 
 __all__ = ["Regime", "merge_dicts", "config_from", "verifiable_regimes", "preference_regimes", "hidden_rule_reward",
            "evaluate_model", "base_config", "preference_config", "stage_tiny", "stage_seed", "stage_reward_model", "stage_train"]
@@ -104,18 +104,6 @@ def evaluate_model(model: Path, data: str, rewards: dict, num: int, max_new_toke
     if not data.startswith("builtin:"):
         raw["data"]["eval"] = data
     return evaluate(build_run(config_from(raw, scratch / "eval_config.yaml")))
-
-
-def config_from(raw: dict, path: Path):
-    """Write `raw` as YAML at `path` and load it as `bridgerl train` would: the file is the exact
-    config a user can rerun, and a bad value gets the loader's own error message."""
-    import yaml
-
-    from ..config import load_config
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
-    return load_config(path)
 
 
 def estimate(metrics: dict, key: str = "eval/score") -> dict:

@@ -7,6 +7,7 @@ stages after it, and nothing else.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 __all__ = ["DemoSettings", "FULL", "QUICK", "settings_for"]
 
@@ -83,3 +84,15 @@ QUICK = replace(
 
 def settings_for(quick: bool) -> DemoSettings:
     return QUICK if quick else FULL
+
+
+def config_from(raw: dict, path: Path):
+    """Write `raw` as YAML at `path` and load it as `bridgerl train` would: the file is the exact
+    config a user can rerun, and a bad value gets the loader's own error message."""
+    import yaml
+
+    from ..config import load_config
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+    return load_config(path)

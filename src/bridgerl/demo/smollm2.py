@@ -61,7 +61,7 @@ def smollm2_config(model_dir: str | Path, out_dir: str | Path, steps: int = 4) -
 def run_smollm2(out: str | Path = "runs/smollm2", steps: int = 4, model_dir: str | Path | None = None) -> dict:
     """Convert (cached), train `steps` GRPO steps, and return the measured step times."""
     from ..train.loop import train
-    from .pipeline import config_from
+    from .settings import config_from
 
     out = Path(out)
     model_dir = Path(model_dir) if model_dir else out / "model"

@@ -138,18 +138,27 @@ class FollowerGenerator:
         pass
 
 
-def push_weights(generator, policy: torch.nn.Module, version: int, reference: torch.nn.Module | None = None) -> None:
+def push_weights(generator, policy: torch.nn.Module, version: int, reference: torch.nn.Module | None = None,
+                 check: tuple[float, float] | None = None, probe: list[list[int]] | None = None) -> dict:
     """Weight sync on any number of ranks: every rank joins the gather, rank 0's generator loads the
-    full state; `reference` (replicated on every rank) takes it too when given."""
+    full state; `reference` (replicated on every rank) takes it too when given. In one process, with
+    `check` = (timeout s, log-prob tolerance) and a `probe`, the push is the verified one of rollout/sync.py:
+    a deadline, and the engine's log-probs on fixed tokens checked against the policy's."""
+    metrics: dict = {}
     if not is_distributed():
-        generator.load_weights(policy, version)
+        if check is not None and probe is not None:
+            from ..rollout.sync import push_weights as verified_push
+            metrics = verified_push(generator, policy, version, check[0], probe, check[1])
+        else:
+            generator.load_weights(policy, version)
         if reference is not None:
             reference.load_state_dict(policy.state_dict())
-        return
+        return metrics
     full = full_state_dict(policy, dst=None if reference is not None else 0)
     generator.load_weights(FullState(full) if full is not None else policy, version)
     if reference is not None:
         reference.load_state_dict(full)
+    return metrics
 
 
 def is_main() -> bool:

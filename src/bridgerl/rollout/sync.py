@@ -102,5 +102,5 @@ def push_weights(generator, policy: torch.nn.Module, version: int, timeout_s: fl
             f"after pushing version {version}, {engine}'s log-probs differ from the policy's by up to {diff:.4g} "
             f"nats (tolerance rollout.sync_tolerance={tolerance:g}): the engine holds stale or wrong weights. "
             "If the engine runs in a lower precision than the trainer, raise rollout.sync_tolerance.")
-    return {"sync/max_logprob_diff": diff, "sync/seconds": time.perf_counter() - start,
-            "sync/push_seconds": pushed_s}
+    return {"sync/max_logprob_diff": diff, "time/sync_verified": time.perf_counter() - start,
+            "time/sync_push": pushed_s}

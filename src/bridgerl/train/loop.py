@@ -43,10 +43,12 @@ def sync_due(step: int, sync_every: int) -> bool:
 def train_step(run: Run) -> dict:
     cfg, timer = run.cfg, Timer()
     rows = run.stream.next_batch()
+    sync_metrics = {}
     with timer("sync"):
         if sync_due(run.step, cfg.rollout.sync_every) and run.generator.version != run.step:
-            push_weights(run.generator, run.policy, run.step,
-                         run.reference if cfg.reference.sync == "with_generator" else None)
+            sync_metrics = push_weights(run.generator, run.policy, run.step,
+                                        run.reference if cfg.reference.sync == "with_generator" else None,
+                                        run.sync_check, run.sync_probe)
     with timer("generation"):
         if is_main():  # with --nproc N, rank 0 samples and scores; every rank trains on the same batch
             sample = optune_batch if run.optune_pool is not None else sample_batch
@@ -74,7 +76,7 @@ def train_step(run: Run) -> dict:
     run.step += 1
     if reference is not None:
         timer.seconds["reference"] = reference.seconds  # spent inside grpovi / update
-    metrics = rollout_metrics(run, rows, rollouts, rewards) | sampled | grpovi_metrics | update | timing(timer)
+    metrics = rollout_metrics(run, rows, rollouts, rewards) | sampled | sync_metrics | grpovi_metrics | update | timing(timer)
     if metrics.get("tokens/generated") and timer.seconds.get("generate"):
         metrics["tokens/s"] = metrics["tokens/generated"] / timer.seconds["generate"]
     return metrics
@@ -174,7 +176,6 @@ def optimizer_step(run: Run) -> dict:
 
 
 def rollout_metrics(run: Run, rows: list[dict], rollouts: Rollouts, rewards: torch.Tensor) -> dict:
-    mask = rollouts.completion_mask.float()
     stale = (run.step - 1 - rollouts.versions).float()  # run.step already counts this update
     m = {
         "reward/mean": rewards.float().mean().item(),
@@ -185,8 +186,8 @@ def rollout_metrics(run: Run, rows: list[dict], rollouts: Rollouts, rewards: tor
         "generator/version": float(run.generator.version),
     }
     if run.optune_pool is None:  # OPTune's batch is stored pairs: its sampler statistics come from `sampled`
-        m |= {"completion_length": mask.sum(dim=1).mean().item(),
-              "entropy": ((rollouts.gen_entropy * mask).sum() / mask.sum().clamp(min=1)).item()}
+        sampler = sampler_metrics(rollouts, getattr(run.generator, "reports_entropy", True))
+        m |= {k: v for k, v in sampler.items() if k != "tokens/generated"}
     tasks = sorted({r["task"] for r in rows})
     if len(tasks) > 1:
         for t in tasks:
@@ -256,5 +257,6 @@ def train(cfg: Config, resume: bool = False, run: Run | None = None, force: bool
             merged = copy.deepcopy(run.policy).merge_and_unload()  # the run's policy keeps its adapter
             merged.save_pretrained(final / "merged")
             run.tokenizer.save_pretrained(final / "merged")
+    run.generator.close()  # vLLM engines, servers' sessions and Ray workers are let go here
     logger.close()
     return run

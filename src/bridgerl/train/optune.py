@@ -9,11 +9,14 @@ from ..rollout.types import Rollouts, rollouts_from_tokens, sample_and_score
 from .run import Run
 
 
-def sampler_metrics(rollouts: Rollouts) -> dict[str, float]:
+def sampler_metrics(rollouts: Rollouts, with_entropy: bool = True) -> dict[str, float]:
+    """Generated tokens, mean completion length and (when the engine reports it; vLLM does not) the
+    sampler's mean token entropy."""
     mask = rollouts.completion_mask.float()
-    return {"tokens/generated": float(mask.sum().item()),
-            "completion_length": mask.sum(dim=1).mean().item(),
-            "entropy": ((rollouts.gen_entropy * mask).sum() / mask.sum().clamp(min=1)).item()}
+    m = {"tokens/generated": float(mask.sum().item()), "completion_length": mask.sum(dim=1).mean().item()}
+    if with_entropy:
+        m["entropy"] = ((rollouts.gen_entropy * mask).sum() / mask.sum().clamp(min=1)).item()
+    return m
 
 
 def optune_batch(run: Run, rows: list[dict], timer) -> tuple[Rollouts, torch.Tensor, dict[str, float]]:
@@ -32,7 +35,7 @@ def optune_batch(run: Run, rows: list[dict], timer) -> tuple[Rollouts, torch.Ten
         completions = [[tokens[g * n + j][:lengths[g * n + j]] for j in range(n)] for g in range(len(regen))]
         merged = pool.merge_many([r["id"] for r in regen], completions, scores.view(len(regen), n),
                                  run.generator.version)
-        sampled = sampler_metrics(new)
+        sampled = sampler_metrics(new, getattr(run.generator, "reports_entropy", True))
         metrics |= reward_metrics | sampled | {"reward/fresh_mean": scores.float().mean().item()} | regeneration_stats(
             len(rows), len(regen), n, int(sampled["tokens/generated"]), merged, run.generator.version)
     entries = [pool[i] for i in ids]

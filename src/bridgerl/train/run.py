@@ -17,6 +17,7 @@ from ..monitor.live import LiveMonitor
 from ..distributed.fsdp import rank_and_world, shard_model
 from ..rollout.engines import build_generator
 from ..rollout.hf import HFGenerator
+from ..rollout.sync import probe_sequences
 from ..rollout.types import Generator, Rewarder, Rollouts
 from .alarms import CollapseAlarm
 from .optim import build_optimizer, pick_device, seed_everything
@@ -62,6 +63,8 @@ class Run:
     optune_pool: PairPool | None = None  # OPTune's stored pairs (algo.optune)
     monitor: LiveMonitor | None = None  # grokking monitors (monitor.pathways)
     eval_generator: HFGenerator | None = None  # samples from the policy's own weights (no copy)
+    sync_probe: list[list[int]] | None = None  # fixed token sequences that check each weight push (rollout/sync.py)
+    sync_check: tuple[float, float] | None = None  # (timeout s, log-prob tolerance) of each push
     alarm: CollapseAlarm | None = None  # entropy / length / reward collapse detectors (train.alarms)
 
     @property
@@ -104,6 +107,15 @@ class Autocast(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.model, name)
+
+
+def sync_tolerance(cfg: Config) -> float:
+    """The probe's log-prob tolerance: rollout.sync_tolerance for an fp32 engine; a bf16/fp16 engine
+    differs from the fp32 policy by ~1e-2 on the probe, so it is checked at ≥ 0.1 (a stale or wrong
+    push is off by nats)."""
+    low_precision = cfg.train.mixed_precision != "no" or cfg.model.dtype != "float32" or (
+        cfg.rollout.engine != "hf" and cfg.rollout.vllm.dtype not in ("auto", "float32"))
+    return max(cfg.rollout.sync_tolerance, 0.1) if low_precision else cfg.rollout.sync_tolerance
 
 
 def needs_reference(cfg: Config, objective: Objective) -> bool:
@@ -202,4 +214,6 @@ def build_run(cfg: Config) -> Run:
         optune_pool=PairPool() if getattr(cfg.algo, "optune", None) is not None else None,
         monitor=LiveMonitor(cfg.monitor.pathways, tokenizer, train_rows) if cfg.monitor.pathways else None,
         alarm=CollapseAlarm(cfg.train.alarms, cfg.rollout.max_new_tokens),
+        sync_probe=probe_sequences(min(len(tokenizer), policy.config.vocab_size)),
+        sync_check=(cfg.rollout.sync_timeout_s, sync_tolerance(cfg)),
     )
