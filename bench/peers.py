@@ -113,6 +113,9 @@ def bridgerl_config(w: Work, out_dir: str):
                     "top_k": 0, "sync_every": 1, "batch_size": max(256, w.completions)},
         "data": {"train": f"builtin:{TASK}", "num_train": 2000, "num_eval": w.eval_prompts,
                  "prompts_per_step": w.prompts},
+        # Rewards in-process, as TRL scores them: worker processes' CPU time would not show in
+        # process_time(), which would flatter bridgerl's ratio.
+        "rewards": {"processes": 0},
         "optim": {"lr": w.lr, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
                   "grad_clip": w.grad_clip},
         "train": {"steps": w.steps, "seed": w.seed, "out_dir": out_dir, "device": w.device,

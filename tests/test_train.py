@@ -85,6 +85,24 @@ def test_reference_moves_only_at_sync_steps(tmp_path, tiny_model_dir):
             assert all(torch.equal(a, b) for a, b in zip(after_ref, before_ref))
 
 
+@pytest.mark.parametrize("every,probed", [(None, [1, 5]), (1, [1, 2, 3, 4, 5]), (2, [1, 3, 5]), (0, [])])
+def test_pushes_are_probed_on_schedule(tmp_path, tiny_model_dir, every, probed):
+    """rollout.sync_check_every: the in-process hf copy is probed at its first push and every k-th one
+    (default 10; forced to 4 here for the default's case). Step 0 samples from the loaded weights, so the
+    pushes are at steps 1–5; each has its deadline (time/sync_push is logged)."""
+    extra = [] if every is None else [f"rollout.sync_check_every={every}"]
+    cfg = load_config(write_config(tmp_path, tiny_model_dir),
+                      BASE + ["rollout.sync_every=1", f"train.out_dir={tmp_path / 'p'}"] + extra)
+    run = build_run(cfg)
+    assert run.sync_check_every == (10 if every is None else every)
+    if every is None:
+        run.sync_check_every = 4
+    metrics = [train_step(run) for _ in range(6)]
+    assert [t for t, m in enumerate(metrics) if "sync/max_logprob_diff" in m] == probed
+    assert ["time/sync_push" in m for m in metrics] == [False] + [True] * 5
+    assert all(metrics[t]["sync/max_logprob_diff"] < 1e-5 for t in probed)
+
+
 def test_reference_fixed_when_sync_never(tmp_path, tiny_model_dir):
     cfg = load_config(write_config(tmp_path, tiny_model_dir), BASE + [f"train.out_dir={tmp_path / 'f'}"])
     run = build_run(cfg)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 BASE = [
     "algo.name=grpo", "rollout.sync_every=1", "train.steps=5",
+    "rollout.sync_check_every=1",  # hf's default probes every 10th push, vLLM's every push: same metric names
     "data.train=builtin:arithmetic", "data.num_train=24", "data.num_eval=8", "data.prompts_per_step=4",
     "rollout.n=4", "rollout.max_new_tokens=8", "eval.max_prompts=8", "eval.max_new_tokens=8",
     "train.micro_batch=8", "optim.lr=1e-3", "log.progress=false", "log.tensorboard=false",

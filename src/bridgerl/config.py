@@ -86,6 +86,10 @@ class RolloutConfig(SamplingConfig):
     sync_tolerance: float = Field(
         1e-3, gt=0, description="max |log-prob| gap between engine and policy on the probe after a push; "
                                 "above it the run stops (raise it for bf16/fp16 engines, e.g. 0.1)")
+    sync_check_every: int | None = Field(
+        None, ge=0, description="probe every k-th weight push (the first always; 0: never); every push keeps its "
+                                "deadline. null: every push for vLLM, server and Ray engines; every 10th for the "
+                                "in-process hf copy, where two probe forwards per step cost a tiny model ~7%")
     batch_size: int = Field(256, gt=0, description="sequences per generation call")
     fast_decode: bool = Field(True, description="Llama/Qwen2: decode with plain torch ops (rollout/decode.py); "
                                                 "false: always the model's own forward")

@@ -142,11 +142,11 @@ def push_weights(generator, policy: torch.nn.Module, version: int, reference: to
                  check: tuple[float, float] | None = None, probe: list[list[int]] | None = None) -> dict:
     """Weight sync on any number of ranks: every rank joins the gather, rank 0's generator loads the
     full state; `reference` (replicated on every rank) takes it too when given. In one process, with
-    `check` = (timeout s, log-prob tolerance) and a `probe`, the push is the verified one of rollout/sync.py:
-    a deadline, and the engine's log-probs on fixed tokens checked against the policy's."""
+    `check` = (timeout s, log-prob tolerance), the push is the one of rollout/sync.py: a deadline, and with a
+    `probe` the engine's log-probs on fixed tokens checked against the policy's."""
     metrics: dict = {}
     if not is_distributed():
-        if check is not None and probe is not None:
+        if check is not None:
             from ..rollout.sync import push_weights as verified_push
             metrics = verified_push(generator, policy, version, check[0], probe, check[1])
         else:

@@ -68,8 +68,9 @@ def _run_with_deadline(fn, timeout_s: float, what: str):
 
 
 def push_weights(generator, policy: torch.nn.Module, version: int, timeout_s: float,
-                 probe: list[list[int]], tolerance: float = 1e-3) -> dict:
+                 probe: list[list[int]] | None, tolerance: float = 1e-3) -> dict:
     """generator.load_weights(policy, version), then check it landed. Returns the sync metrics.
+    Without a `probe`, only the deadline applies.
 
     Raises WeightSyncError with the reason: the push or the probe timed out, the engine refused the
     weights (wrong names or shapes, server unreachable), the probe came back with the wrong shape, or
@@ -84,6 +85,8 @@ def push_weights(generator, policy: torch.nn.Module, version: int, timeout_s: fl
         raise WeightSyncError(f"weight push to {engine} failed ({type(e).__name__}: {e}); the run cannot go on "
                               "with a generator that holds other weights than the policy") from e
     pushed_s = time.perf_counter() - start
+    if probe is None:
+        return {"time/sync_push": pushed_s}
     remaining = max(timeout_s - pushed_s, 1.0)
     try:
         got = _run_with_deadline(lambda: generator.score_tokens(probe), remaining, f"{engine}.score_tokens (probe)")

@@ -277,7 +277,8 @@ def load_run_state(run, state: dict) -> None:
     if "weights" in state["generator"]:
         run.generator.load_state_dict(state["generator"])
     else:
-        push_weights(run.generator, run.policy, state["generator"]["version"], check=run.sync_check, probe=run.sync_probe)
+        push_weights(run.generator, run.policy, state["generator"]["version"], check=run.sync_check,
+                     probe=run.sync_probe if run.sync_check_every else None)
     if "reference" in state:
         run.reference.load_state_dict(state["reference"])
     run.cache.version = state["cache"]["version"]

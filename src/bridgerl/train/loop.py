@@ -46,9 +46,11 @@ def train_step(run: Run) -> dict:
     sync_metrics = {}
     with timer("sync"):
         if sync_due(run.step, cfg.rollout.sync_every) and run.generator.version != run.step:
+            probe = run.sync_probe if run.sync_check_every and run.pushes % run.sync_check_every == 0 else None
             sync_metrics = push_weights(run.generator, run.policy, run.step,
                                         run.reference if cfg.reference.sync == "with_generator" else None,
-                                        run.sync_check, run.sync_probe)
+                                        run.sync_check, probe)
+            run.pushes += 1
     with timer("generation"):
         if is_main():  # with --nproc N, rank 0 samples and scores; every rank trains on the same batch
             sample = optune_batch if run.optune_pool is not None else sample_batch

@@ -65,6 +65,8 @@ class Run:
     eval_generator: HFGenerator | None = None  # samples from the policy's own weights (no copy)
     sync_probe: list[list[int]] | None = None  # fixed token sequences that check each weight push (rollout/sync.py)
     sync_check: tuple[float, float] | None = None  # (timeout s, log-prob tolerance) of each push
+    sync_check_every: int = 1  # probe every k-th push (0: never); rollout.sync_check_every resolved
+    pushes: int = 0  # weight pushes so far in this process
     alarm: CollapseAlarm | None = None  # entropy / length / reward collapse detectors (train.alarms)
 
     @property
@@ -116,6 +118,14 @@ def sync_tolerance(cfg: Config) -> float:
     low_precision = cfg.train.mixed_precision != "no" or cfg.model.dtype != "float32" or (
         cfg.rollout.engine != "hf" and cfg.rollout.vllm.dtype not in ("auto", "float32"))
     return max(cfg.rollout.sync_tolerance, 0.1) if low_precision else cfg.rollout.sync_tolerance
+
+
+def sync_check_every(cfg: Config) -> int:
+    """rollout.sync_check_every, or its default: every push to an engine across a process or precision
+    boundary (vLLM, a server, Ray workers); every 10th for the in-process hf copy, an exact tensor copy."""
+    if cfg.rollout.sync_check_every is not None:
+        return cfg.rollout.sync_check_every
+    return 1 if cfg.rollout.engine != "hf" or cfg.rollout.workers > 0 else 10
 
 
 def needs_reference(cfg: Config, objective: Objective) -> bool:
@@ -215,5 +225,5 @@ def build_run(cfg: Config) -> Run:
         monitor=LiveMonitor(cfg.monitor.pathways, tokenizer, train_rows) if cfg.monitor.pathways else None,
         alarm=CollapseAlarm(cfg.train.alarms, cfg.rollout.max_new_tokens),
         sync_probe=probe_sequences(min(len(tokenizer), policy.config.vocab_size)),
-        sync_check=(cfg.rollout.sync_timeout_s, sync_tolerance(cfg)),
+        sync_check=(cfg.rollout.sync_timeout_s, sync_tolerance(cfg)), sync_check_every=sync_check_every(cfg),
     )
