@@ -126,6 +126,20 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir, sync)
     assert comparable(step_lines(tmp_path / "full")) == comparable(step_lines(tmp_path / "half"))
 
 
+def test_resume_after_a_half_written_metrics_line(tmp_path, tiny_model_dir):
+    """A run killed while writing metrics.jsonl leaves a cut line: resume drops it (and anything after
+    the checkpoint) instead of failing to parse it, and the file reads as one clean run."""
+    cfg = write_config(tmp_path, tiny_model_dir)
+    common = BASE + ["rollout.sync_every=1", "eval.at_start=false"]
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), *common, "train.steps=2", "--out", str(out)]) == 0
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 0.5, "rew')  # the kill came mid-line
+    assert main(["train", str(cfg), *common, "train.steps=4", "--out", str(out), "--resume"]) == 0
+    assert [m["step"] for m in step_lines(out)] == [1, 2, 3, 4]
+    assert not (out / "metrics.jsonl.tmp").exists()
+
+
 def test_resume_refuses_a_config_that_changes_the_run(tmp_path, tiny_model_dir, capsys):
     cfg = write_config(tmp_path, tiny_model_dir)
     common = BASE + ["eval.at_start=false", "train.steps=2"]

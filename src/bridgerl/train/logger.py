@@ -26,14 +26,24 @@ class MetricsLogger:
             self.wandb = wandb.init(project=cfg.wandb_project, dir=str(out_dir), resume="allow")
 
     def _truncate_after_checkpoint(self, out_dir: Path) -> None:
-        """On resume, drop lines logged after the checkpoint so the file reads as one clean run."""
+        """On resume, drop lines logged after the checkpoint so the file reads as one clean run. A line
+        the killed run left half-written is dropped too; the file is replaced in one rename, so a kill
+        during the resume itself cannot lose it."""
         from .checkpoint import latest_checkpoint
 
         ckpt = latest_checkpoint(out_dir)
         last = json.loads((ckpt / "meta.json").read_text())["step"] if ckpt else 0
-        lines = [ln for ln in self.path.read_text().splitlines()
-                 if ln and json.loads(ln)["step"] <= last and not json.loads(ln).get("final")]
-        self.path.write_text("".join(ln + "\n" for ln in lines))
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # only the last line can be cut short; nothing after it was written
+                continue
+            if record["step"] <= last and not record.get("final"):
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
 
     def log(self, step: int, metrics: dict, final: bool = False) -> None:
         record = {"step": step, **({"final": True} if final else {}), **metrics}
