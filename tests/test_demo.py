@@ -28,7 +28,7 @@ def run_folders(out, toy=TOY):
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     logs: list[str] = []
-    run_demo(out, seed=0, settings=TOY, log=logs.append)
+    run_demo(out, seed=0, settings=TOY, log=logs.append, threads=1, jobs=2)  # training runs in 2 worker processes
     return out, logs
 
 
@@ -105,11 +105,11 @@ def test_regimes_share_the_seed_and_budget(demo_dir):
 def test_second_run_is_all_cached_and_a_changed_setting_reruns_only_what_depends_on_it(demo_dir):
     out, _ = demo_dir
     logs: list[str] = []
-    run_demo(out, seed=0, settings=TOY, log=logs.append)
+    run_demo(out, seed=0, settings=TOY, log=logs.append, threads=1, jobs=1)
     assert not any(line.endswith("...") for line in logs)
     assert sum("cached" in line for line in logs if "] [" in line) == STAGES
     logs.clear()
-    run_demo(out, seed=0, settings=replace(TOY, pref_steps=3), log=logs.append)
+    run_demo(out, seed=0, settings=replace(TOY, pref_steps=3), log=logs.append, threads=1, jobs=2)
     reran = [line for line in logs if "settings changed" in line]
     assert len(reran) == len(preference_regimes(TOY)) + 1  # the reward-model leg runs, plus the cross evaluation
     assert all("against the reward model" in line or "cross-task" in line for line in reran)
@@ -133,6 +133,65 @@ def test_stage_runner_reruns_a_killed_stage(tmp_path):
     assert res.cached and res.result == {"ok": 1} and len(calls) == 2
     with pytest.raises(ValueError, match="outside"):
         StageRunner(tmp_path / "a", total=1, log=lambda m: None).run("b", tmp_path / "b", {}, work)
+
+
+def _pid_stage(folder: Path, value: int) -> dict:
+    """A stage for run_many's worker processes (module level, so it pickles)."""
+    import os
+
+    import torch
+
+    if value < 0:
+        raise ValueError("negative")
+    print("hello from the worker")
+    return {"value": value * 2, "pid": os.getpid(), "threads": torch.get_num_threads()}
+
+
+def test_run_many_runs_stages_in_worker_processes_in_order_and_caches_them(tmp_path):
+    import os
+    from functools import partial
+
+    from bridgerl.demo.stages import Stage
+
+    stages = [Stage(f"s{k}", tmp_path / f"s{k}", {"k": k}, partial(_pid_stage, value=k)) for k in range(3)]
+    res = StageRunner(tmp_path, total=3, log=lambda m: None).run_many(stages, jobs=2)
+    assert [r.result["value"] for r in res] == [0, 2, 4]  # the order of `stages`, whatever finished first
+    assert all(r.result["pid"] != os.getpid() and r.result["threads"] == 1 for r in res)
+    assert "hello from the worker" in (tmp_path / "s1" / "stage.log").read_text()
+    again = StageRunner(tmp_path, total=3, log=lambda m: None).run_many(stages, jobs=2)
+    assert all(r.cached for r in again) and [r.result for r in again] == [r.result for r in res]
+    bad = [Stage("bad", tmp_path / "bad", {}, partial(_pid_stage, value=-1)),
+           Stage("s3", tmp_path / "s3", {"k": 3}, partial(_pid_stage, value=3))]
+    with pytest.raises(RuntimeError, match="stage 'bad' failed.*stage.log"):
+        StageRunner(tmp_path, total=2, log=lambda m: None).run_many(bad, jobs=2)
+    assert not (tmp_path / "bad" / MARKER).exists()
+
+
+def test_a_run_in_a_worker_process_equals_the_same_run_in_process(demo_dir, tmp_path):
+    """The demo's parallel runs are the runs `bridgerl train demo_config.yaml` makes (one thread)."""
+    import torch
+    import yaml
+
+    from bridgerl.config import load_config
+    from bridgerl.train.loop import train
+
+    out, _ = demo_dir
+    folder = out / "runs" / "online_dpo" / "seed1"
+    raw = yaml.safe_load((folder / "demo_config.yaml").read_text())
+    raw["train"]["out_dir"] = str(tmp_path / "again")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(load_config(tmp_path / "c.yaml"))
+    finally:
+        torch.set_num_threads(previous)
+
+    def metrics(path):
+        rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens/s"))} for r in rows]
+
+    assert metrics(tmp_path / "again") == metrics(folder)
 
 
 def test_seed_data_mixes_tasks_with_a_minority_following_the_hidden_rule(tmp_path):

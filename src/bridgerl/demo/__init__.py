@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 from .settings import FULL, QUICK, DemoSettings, settings_for
-from .stages import StageResult, StageRunner
+from .stages import Stage, StageResult, StageRunner
 
 __all__ = ["run_demo", "pick_threads", "DemoSettings", "FULL", "QUICK", "settings_for"]
 
@@ -38,23 +39,27 @@ def pick_threads(requested: int | None = None) -> int:
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
-             settings: DemoSettings | None = None, log=None, threads: int | None = None) -> Path:
+             settings: DemoSettings | None = None, log=None, threads: int | None = None,
+             jobs: int | None = None) -> Path:
     """Run (or resume) every stage and write `out/report.md`; returns its path. `threads`: torch CPU
-    threads (None: see pick_threads)."""
+    threads (None: see pick_threads). `jobs`: training runs at once, each in a worker process with one
+    thread (None: one per thread, at most 8; tiny models gain more from parallel runs than from
+    threads inside one run)."""
     import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(pick_threads(threads))
+    threads = pick_threads(threads)
+    torch.set_num_threads(threads)
     try:
         with warnings.catch_warnings():
             # transformers' save_pretrained warns about its own deprecated attribute on every save
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return _run_demo(Path(out), quick, seed, settings, log)
+            return _run_demo(Path(out), quick, seed, settings, log, jobs or min(threads, 8))
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_demo(out: Path, quick: bool, seed: int, settings: DemoSettings | None, log) -> Path:
+def _run_demo(out: Path, quick: bool, seed: int, settings: DemoSettings | None, log, jobs: int) -> Path:
     from . import pipeline as P
     from .report import demo_report
 
@@ -69,7 +74,8 @@ def _run_demo(out: Path, quick: bool, seed: int, settings: DemoSettings | None, 
     import torch
 
     say(f"{'quick' if quick else 'full'} demo in {out}; seed {seed}; each regime: {st.rl_budget()} on "
-        f"{st.rl_task}, training seeds {rl_seeds}; {torch.get_num_threads()} torch thread(s)")
+        f"{st.rl_task}, training seeds {rl_seeds}; {torch.get_num_threads()} torch thread(s), "
+        f"{jobs} training run(s) at once")
 
     tiny, seeded = tiny_and_seed_stages(runner, out, st, seed)
     acc = seeded.result["accuracy"]
@@ -81,37 +87,40 @@ def _run_demo(out: Path, quick: bool, seed: int, settings: DemoSettings | None, 
                               lambda f: P.sampled_score(seed_model, st, seed, f), deps=[seeded])
     say(f"  seed {P.sampled_label(st)}: {seed_sampled.result['mean']:.3f} ± {seed_sampled.result['se']:.3f}")
 
-    comparison = []  # (regime, [StageResult per training seed])
+    stages, slots = [], []  # every (regime, training seed) run: independent, so `jobs` run at once
     for r in regimes:
-        per_seed = []
         for rs in rl_seeds:
             folder = out / "runs" / r.slug / f"seed{rs}"
             raw = P.merge_dicts(P.base_config(st, seed_model, folder, rs), r.overrides)
-            res = runner.run(f"{r.name}, training seed {rs}", folder, raw | {"final_eval": _pick(st, P.FINAL_EVAL_KEYS)},
-                             lambda f, raw=raw, rs=rs: P.stage_train_scored(f, raw, st, seed), deps=[seeded])
-            per_seed.append(res)
-            _say_result(say, res, extra=f"{P.sampled_label(st)} {res.result['sampled']['mean']:.3f}")
-        comparison.append((r, per_seed))
+            stages.append(Stage(f"{r.name}, training seed {rs}", folder,
+                                raw | {"final_eval": _pick(st, P.FINAL_EVAL_KEYS)},
+                                partial(P.stage_train_scored, raw=raw, st=st, seed=seed), (seeded,)))
+            slots.append(r)
+    done = runner.run_many(stages, jobs)
+    comparison = [(r, [res for slot, res in zip(slots, done) if slot is r]) for r in regimes]
+    for res in done:
+        _say_result(say, res, extra=f"{P.sampled_label(st)} {res.result['sampled']['mean']:.3f}")
 
     rm = reward_model_stage(runner, out, st, seed, tiny)
     say(f"  reward model held-out pair accuracy: {rm.result['heldout_accuracy']:.3f} "
         f"({rm.result['heldout_pairs']} pairs)")
     rm_reward = {"kind": "model", "path": rm.result["model"]}
 
-    preference = []
+    stages = []
     for r in prefs:
         folder = out / "runs" / r.slug
         raw = P.merge_dicts(P.preference_config(st, seed_model, folder, seed, rm_reward), r.overrides)
-        res = runner.run(f"{r.name} against the reward model", folder, raw,
-                         lambda f, raw=raw: _train_and_rule(P, f, raw, st, seed), deps=[seeded, rm])
-        preference.append((r, res))
-        _say_result(say, res, extra=f"hidden-rule rate {res.result['hidden_rule']['mean']:.2f}")
-
+        stages.append(Stage(f"{r.name} against the reward model", folder, raw,
+                            partial(_train_and_rule, raw=raw, st=st, seed=seed), (seeded, rm)))
     folder = out / "runs" / "multitask_online_dpo"
     raw = _multitask_config(P, folder, st, seed_model, rm_reward, seed)
-    mixed = runner.run("multi-task online DPO (arithmetic + preference in every batch)", folder,
-                       raw | {"mixed_data": _pick(st, ("rl_task", "num_train", "mixed_eval_per_task"))},
-                       lambda f: _multitask(P, f, raw, st, seed), deps=[seeded, rm])
+    stages.append(Stage("multi-task online DPO (arithmetic + preference in every batch)", folder,
+                        raw | {"mixed_data": _pick(st, ("rl_task", "num_train", "mixed_eval_per_task"))},
+                        partial(_multitask, raw=raw, st=st, seed=seed), (seeded, rm)))
+    *pref_results, mixed = runner.run_many(stages, jobs)
+    preference = list(zip(prefs, pref_results))
+    for _, res in preference:
+        _say_result(say, res, extra=f"hidden-rule rate {res.result['hidden_rule']['mean']:.2f}")
     _say_result(say, mixed)
 
     models = {"seed": seed_model,
@@ -177,7 +186,9 @@ def _say_result(say, res: StageResult, extra: str = "") -> None:
     say("  " + ", ".join(parts) + f" [{res.wall_s:.0f} s{', cached' if res.cached else ''}]")
 
 
-def _train_and_rule(P, folder: Path, raw: dict, st: DemoSettings, seed: int) -> dict:
+def _train_and_rule(folder: Path, raw: dict, st: DemoSettings, seed: int) -> dict:
+    from . import pipeline as P
+
     result = P.stage_train(folder, raw)
     rule = P.evaluate_model(folder / "final", "builtin:preference", {"preference": P.HIDDEN_RULE},
                             st.mixed_eval_per_task, st.max_new_tokens, seed, folder / "eval_hidden_rule")
@@ -195,7 +206,9 @@ def _multitask_config(P, folder: Path, st: DemoSettings, seed_model: Path, rm_re
         "eval": {"max_prompts": 2 * st.mixed_eval_per_task}})
 
 
-def _multitask(P, folder: Path, raw: dict, st: DemoSettings, seed: int) -> dict:
+def _multitask(folder: Path, raw: dict, st: DemoSettings, seed: int) -> dict:
+    from . import pipeline as P
+
     P.write_mixed_data(folder, st, seed)
     return P.stage_train(folder, raw)
 

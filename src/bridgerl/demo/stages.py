@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["StageRunner", "StageResult", "fingerprint"]
+__all__ = ["Stage", "StageRunner", "StageResult", "fingerprint"]
 
 MARKER = ".demo_stage.json"
 
@@ -49,32 +52,105 @@ class StageRunner:
     def run(self, name: str, folder: Path, inputs: dict, fn: Callable[[Path], dict],
             deps: list[StageResult] = ()) -> StageResult:
         """Run `fn(folder) -> result dict` unless a finished run with the same inputs is cached."""
+        return self.run_many([Stage(name, folder, inputs, fn, tuple(deps))])[0]
+
+    def run_many(self, stages: list[Stage], jobs: int = 1) -> list[StageResult]:
+        """Run independent stages, `jobs` at a time in worker processes of one torch thread each (each
+        worker's output goes to `<folder>/stage.log`); with jobs=1, one after another in this process.
+        Results come back in the order of `stages`. `fn` must be picklable when jobs > 1."""
+        results: list[StageResult | None] = []
+        todo = []  # (index, stage, key)
+        for stage in stages:
+            key, cached = self._lookup(stage)
+            results.append(cached)
+            if cached is None:
+                todo.append((len(results) - 1, stage, key))
+        if jobs <= 1 or len(todo) <= 1:
+            for i, stage, key in todo:
+                self._prepare(stage)
+                start = time.perf_counter()
+                results[i] = self._finish(stage, key, stage.fn(stage.folder), time.perf_counter() - start)
+            return results
+        ctx = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
+            futures = {}
+            for i, stage, key in todo:
+                self._prepare(stage, note=f" (worker log: {stage.folder / 'stage.log'})")
+                futures[pool.submit(_run_in_worker, stage.fn, stage.folder)] = (i, stage, key)
+            for fut in as_completed(futures):
+                i, stage, key = futures[fut]
+                try:
+                    result, wall = fut.result()
+                except Exception as e:
+                    raise RuntimeError(f"stage '{stage.name}' failed in its worker process: {e}; its output is in "
+                                       f"{stage.folder / 'stage.log'}") from e
+                results[i] = self._finish(stage, key, result, wall)
+                self.say(f"  done: {stage.name} [{wall:.0f} s]")
+        return results
+
+    def _lookup(self, stage: Stage) -> tuple[str, StageResult | None]:
         self.done += 1
-        key = fingerprint({"inputs": inputs, "deps": [d.key for d in deps]})
-        marker = folder / MARKER
-        head = f"[{self.done}/{self.total}] {name}"
+        stage.number = self.done
+        key = fingerprint({"inputs": stage.inputs, "deps": [d.key for d in stage.deps]})
+        marker = stage.folder / MARKER
         if marker.exists():
             saved = json.loads(marker.read_text())
             if saved.get("key") == key:
-                self.say(f"{head}: cached in {folder} ({saved['wall_s']:.0f} s when it ran)")
-                res = StageResult(folder, key, saved["result"], saved["wall_s"], cached=True)
-                self.results[name] = res
-                return res
-            self.say(f"{head}: settings changed since the cached run; running it again")
+                self.say(f"{self._head(stage)}: cached in {stage.folder} ({saved['wall_s']:.0f} s when it ran)")
+                res = StageResult(stage.folder, key, saved["result"], saved["wall_s"], cached=True)
+                self.results[stage.name] = res
+                return key, res
+            self.say(f"{self._head(stage)}: settings changed since the cached run; running it again")
+        return key, None
+
+    def _head(self, stage: Stage) -> str:
+        return f"[{stage.number}/{self.total}] {stage.name}"
+
+    def _prepare(self, stage: Stage, note: str = "") -> None:
+        folder = stage.folder
         if folder.resolve().parent != self.root.resolve() and self.root.resolve() not in folder.resolve().parents:
             raise ValueError(f"stage folder {folder} is outside the demo folder {self.root}")
         if folder.exists():
             shutil.rmtree(folder)  # leftovers of a killed or outdated run: never mix two runs' files
         folder.mkdir(parents=True)
-        self.say(f"{head} ...")
+        self.say(f"{self._head(stage)} ...{note}")
         sys.stderr.flush()
-        start = time.perf_counter()
-        result = fn(folder)
-        wall = time.perf_counter() - start
-        tmp = folder / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"key": key, "result": result, "wall_s": wall, "inputs": inputs}, indent=2,
+
+    def _finish(self, stage: Stage, key: str, result: dict, wall: float) -> StageResult:
+        tmp = stage.folder / (MARKER + ".tmp")
+        tmp.write_text(json.dumps({"key": key, "result": result, "wall_s": wall, "inputs": stage.inputs}, indent=2,
                                   default=str))
-        tmp.replace(marker)  # written last: its presence means the stage finished
-        res = StageResult(folder, key, result, wall, cached=False)
-        self.results[name] = res
+        tmp.replace(stage.folder / MARKER)  # written last: its presence means the stage finished
+        res = StageResult(stage.folder, key, result, wall, cached=False)
+        self.results[stage.name] = res
         return res
+
+
+@dataclass
+class Stage:
+    """One cached unit of work: `fn(folder) -> result dict`, keyed by `inputs` and its deps' keys."""
+    name: str
+    folder: Path
+    inputs: dict
+    fn: Callable[[Path], dict]
+    deps: tuple[StageResult, ...] = ()
+    number: int = 0  # its place in the run, set when the runner reaches it
+
+
+def _run_in_worker(fn: Callable[[Path], dict], folder: Path) -> tuple[dict, float]:
+    """A worker process's side of run_many: one torch thread (the workers share the cores), output to
+    the stage's log file, the transformers deprecation noise off as in the parent."""
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    log = open(folder / "stage.log", "w", buffering=1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    start = time.perf_counter()
+    result = fn(folder)
+    return result, time.perf_counter() - start
