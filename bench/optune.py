@@ -26,7 +26,7 @@ across the RL seeds; "Δ vs online DPO" is the mean ± SE of the per-seed differ
     python bench/optune.py --quick              # smoke run (1 seed, 2 arms, ~1 min)
     python bench/optune.py                      # the docs/optune.md table (3 seeds × 5 arms)
 
-Writes bench/results/optune/{report.md,results.json} (the --quick run writes only under --out).
+Writes bench/results/optune/{report.md,results.json} (--results; the --quick run writes only under --out).
 """
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_optune", help="work folder (models and runs are cached here)")
     ap.add_argument("--seeds", type=int, default=3, help="RL seeds 0..N-1 (the models are the demo's seed-0 models)")
-    ap.add_argument("--rhos", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--rhos", type=float, nargs="*", default=[0.25, 0.5], help="none: online DPO alone")
     ap.add_argument("--steps", type=int, default=60, help="the equal-steps budget; online DPO's tokens in it "
                                                             "are the equal-tokens budget")
     ap.add_argument("--max-steps-factor", type=int, default=4, help="an arm stops at this × --steps at the latest")
@@ -212,6 +212,7 @@ def main() -> None:
     ap.add_argument("--eval-temperature", type=float, default=0.6)
     ap.add_argument("--eval-seed", type=int, default=0, help="held-out prompts and sampling stream, same for every arm")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--results", default=str(RESULTS), help="where report.md and results.json go")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, online DPO and OPTune ρ=0.5, 6 steps")
     args = ap.parse_args()
     import torch
@@ -267,7 +268,7 @@ def main() -> None:
               f"across seeds; Δ: mean ± SE of the per-seed difference.\n"]
     text = "\n".join(header + lines + ["", f"{time.perf_counter() - start:.0f} s in this invocation."])
     print("\n" + text)
-    dest = out if args.quick else RESULTS
+    dest = out if args.quick else Path(args.results)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "report.md").write_text(text + "\n")
     (dest / "results.json").write_text(json.dumps(
