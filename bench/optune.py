@@ -82,8 +82,6 @@ def train_to_budget(raw: dict, folder: Path, steps: int, budget: float | None, m
     done `steps` steps and its next step would take its cumulative generated tokens past `budget`
     (budget None: stop at `steps`). Saves the policy at `steps` (at_steps/) and at the last step within
     the budget (at_tokens/)."""
-    import torch
-
     from bridgerl.demo.settings import config_from
     from bridgerl.train.logger import MetricsLogger
     from bridgerl.train.loop import train_step
@@ -123,8 +121,6 @@ def train_to_budget(raw: dict, folder: Path, steps: int, budget: float | None, m
     finally:
         run.generator.close()
         logger.close()
-        del state
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"at_steps": at_steps, "at_tokens": within, "capped": capped,
             "prompts_regenerated_per_step": statistics.mean(regen[:steps]),
             "pairs_per_step": statistics.mean(pairs[:steps]), "steps_run": run.step}
