@@ -39,15 +39,27 @@ def test_headline_states_gains_order_and_who_falls_below_the_seed():
     text = headline(summary())
     assert "online DPO +0.090 ± 0.006" in text
     assert "offline DPO −0.030 ± 0.006" in text and "s=5 +0.040" in text
-    assert "Fresher DPO samples scored higher" in text
+    assert "in the paper's order: online DPO ≥ s=5 ≥ offline DPO" in text
     assert "online − offline +0.120, beyond two standard errors" in text
+    assert "paired by training seed +0.120 ± 0.000, online higher on 3 of 3 seeds" in text
     assert "more than two standard errors: s=5, online DPO, GRPO." in text  # GRPO: +0.04 against 2 × 0.012
     assert "Not above the seed: offline DPO." in text
     # online below semi-online: the order is reported as broken, not claimed
     broken = headline(summary(online=(0.24, 0.25, 0.23)))
     assert "not in the order" in broken and "s=5 ≥ online DPO ≥ offline DPO" in broken
+    # two semi-online regimes out of order between themselves, both between online and offline: the
+    # order holds (the paper compares semi-online with the ends), and the inner order is reported
+    two = summary()
+    two["regimes"].insert(1, regime("semi-online DPO (s=20)", "dpo", 20, [0.27, 0.28, 0.26]))
+    inner = headline(two)
+    assert "in the paper's order: online DPO ≥ s=5, s=20 ≥ offline DPO" in inner
+    assert "between themselves, the semi-online runs go s=20 ≥ s=5" in inner
+    two["regimes"][1] = regime("semi-online DPO (s=20)", "dpo", 20, [0.17, 0.18, 0.16])  # below offline
+    assert "not in the order" in headline(two)
     noisy = summary(online=(0.40, 0.20, 0.30), offline=(0.10, 0.40, 0.25))
     assert "within two standard errors" in headline(noisy)
+    # paired: seed by seed (0.40−0.10, 0.20−0.40, 0.30−0.25)
+    assert "paired by training seed +0.050 ± 0.144, online higher on 2 of 3 seeds" in headline(noisy)
 
 
 def test_table_has_one_row_per_regime_plus_the_seed():

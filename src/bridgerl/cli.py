@@ -15,8 +15,8 @@ HELP = """bridgerl: RL post-training of language models, offline to online in on
   bridgerl score CONFIG [--scorer lqs|loss|pass_rate] score data for selection and ordering (DELT)
   bridgerl monitor RUN_DIR                             MoE pathway metrics over a run's checkpoints
   bridgerl tiny OUT_DIR [--arch llama] [--size micro] build a tiny model + tokenizer folder (offline)
-  bridgerl demo [--quick] [--out runs/demo] [--seed 0] offline vs semi-online vs online on a tiny model, with a report
-  bridgerl report RUN_DIR... [--out DIR]              report.md + plots comparing any runs
+  bridgerl demo [--quick] [--out runs/demo] [--jobs N] offline vs semi-online vs online on a tiny model: report.md, summary.json
+  bridgerl report RUN_DIR... [--out DIR]              report.md + plots comparing runs (or a demo folder's summary.json)
 
 Every config key can be overridden on the command line, e.g. rollout.sync_every=10 algo.beta=0.1.
 A mistake in a config, path, data row or reward function prints one line and exits with code 2;
@@ -286,9 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tiny)
 
     p = sub.add_parser("demo", help="offline vs semi-online vs online from one seed, end to end, with a report",
-                       description="Tiny model → SFT seed → offline / semi-online / online DPO, GRPO, OPTune → "
-                                   "reward model leg → report.md. Finished stages are cached in --out.")
-    p.add_argument("--quick", action="store_true", help="a smaller version (about 3 minutes) for smoke tests")
+                       description="Tiny model → SFT seed → offline / semi-online / online DPO and GRPO, several "
+                                   "training seeds each → reward-model leg → multi-task run → report.md (headline "
+                                   "first) and summary.json. Finished stages are cached in --out.")
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller budget (fewer seeds, steps and evaluation prompts; about 3 minutes on 2 idle cores)")
     p.add_argument("--out", help="demo folder (default runs/demo, or runs/demo-quick with --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smollm2", action="store_true",
@@ -298,9 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, help="training runs at once, one thread each (default: one per thread)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("report", help="report.md + PNG plots comparing run folders",
-                       description="Comparison table and plots (held-out score, reward, entropy, length vs step).")
-    p.add_argument("run_dirs", nargs="+", help="run folders written by bridgerl train")
+    p = sub.add_parser("report", help="report.md + PNG plots comparing run folders, or a demo's summary.json",
+                       description="Comparison table and plots (held-out score, reward, entropy, length vs step). "
+                                   "Given a demo folder (one holding summary.json): its headline, the across-seed "
+                                   "table and the plot of held-out score against sync_every.")
+    p.add_argument("run_dirs", nargs="+", help="run folders written by bridgerl train, or one demo folder")
     p.add_argument("--out", default="runs/report", help="folder for report.md and plots/")
     p.set_defaults(func=cmd_report)
     return parser

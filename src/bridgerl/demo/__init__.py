@@ -134,7 +134,8 @@ def _run_demo(out: Path, quick: bool, seed: int, settings: DemoSettings | None, 
                        deps=[seeded, rm, mixed] + [res for _, res in preference] + [res for _, rs in comparison for res in rs])
 
     summary = P.demo_summary(st, seed_sampled.result, seeded.result["accuracy"], comparison)
-    path, tables = demo_report(out, st, seed, quick, runner, comparison, preference, mixed, cross, summary)
+    path, tables = demo_report(out, st, seed, quick, runner, comparison, preference, mixed, cross, summary,
+                               time.perf_counter() - start, jobs)
     say(f"all stages done in {time.perf_counter() - start:.0f} s (this invocation); report: {path}")
     for title, table in tables:
         print(f"\n{title}\n{table.text()}", flush=True)

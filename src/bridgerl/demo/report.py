@@ -31,7 +31,7 @@ def _est(d: dict) -> str:
 
 def demo_report(out: Path, st: DemoSettings, seed: int, quick: bool, runner: StageRunner,
                 comparison: list, preference: list, mixed: StageResult,
-                cross: StageResult, summary: dict) -> tuple[Path, list[tuple[str, Table]]]:
+                cross: StageResult, summary: dict, elapsed: float, jobs: int) -> tuple[Path, list[tuple[str, Table]]]:
     def runs_of(pairs):
         loaded = []
         for regime, res in pairs:
@@ -90,9 +90,15 @@ def demo_report(out: Path, st: DemoSettings, seed: int, quick: bool, runner: Sta
     preamble = (
         f"**{headline(summary)}**\n\n"
         f"`bridgerl demo{' --quick' if quick else ''} --seed {seed}` on {machine_line()}.\n\n"
-        f"Stage wall times sum to {wall:.0f} s (cached stages count the time they took when they ran). "
-        "Numbers are what the runs measured; with so few evaluation prompts, differences within about two "
-        "standard errors are noise.")
+        + (f"Every stage was cached: this invocation only rewrote the report; the stages' wall times sum to "
+           f"{wall:.0f} s as they ran. " if all(r.cached for r in runner.results.values()) else
+           f"This invocation took {elapsed:.0f} s wall with {jobs} training run(s) at once; stage wall times sum "
+           f"to {wall:.0f} s (cached stages count the time they took when they ran). ")
+        + "Numbers are what the runs measured; with so few evaluation prompts, differences within about two "
+        "standard errors are noise."
+        + (f"\n\n`--quick` checks the pipeline end to end at a smoke-test budget ({st.rl_budget()}, "
+           f"{len(seeds)} training seeds): too few steps for the regimes to separate beyond their noise. The "
+           "full `bridgerl demo` is the comparison (docs/demo.md)." if quick else ""))
     sections = [verifiable, preference_section, multitask]
     path = write_report(sections, out, title="bridgerl demo", preamble=preamble)
     return path, [(s.title, s.comparison()) for s in sections]

@@ -84,9 +84,20 @@ def _short(r: dict) -> str:
     return r["name"]
 
 
+def _paired(a: dict, b: dict) -> list[float]:
+    """a − b for every training seed both regimes ran (the same seed draws the same prompts, so the
+    paired difference leaves out the seed-to-seed spread they share); [] with fewer than two."""
+    common = [k for k in a["seeds"] if k in b["seeds"]]
+    if len(common) < 2:
+        return []
+    pos_a, pos_b = {k: i for i, k in enumerate(a["seeds"])}, {k: i for i, k in enumerate(b["seeds"])}
+    return [a["final"][pos_a[k]] - b["final"][pos_b[k]] for k in common]
+
+
 def headline(summary: dict) -> str:
     """One sentence: each regime's gain over the seed (mean ± SE across seeds), then whether the
-    paper's order online ≥ semi-online ≥ offline held, and which regimes did not beat the seed."""
+    paper's order online ≥ semi-online ≥ offline held (every semi-online regime between online and
+    offline), and which regimes did not beat the seed."""
     seed = summary["seed_model"]["mean"]
     regimes = summary["regimes"]
     order = sorted(regimes, key=lambda r: -r["mean"])
@@ -97,15 +108,28 @@ def headline(summary: dict) -> str:
     dpo = sorted((r for r in regimes if r["algo"] == "dpo" and not r.get("optune")),
                  key=lambda r: r["sync_every"] or math.inf)
     if len(dpo) >= 2:
-        means = [r["mean"] for r in dpo]
-        kept = all(a >= b for a, b in zip(means, means[1:]))
-        text += (" Fresher DPO samples scored higher at every step from online to offline" if kept else
-                 " The DPO regimes are not in the order online ≥ semi-online ≥ offline: "
-                 + " ≥ ".join(_short(r) for r in sorted(dpo, key=lambda r: -r["mean"])))
-        first, last = dpo[0], dpo[-1]
+        first, last, middle = dpo[0], dpo[-1], dpo[1:-1]
+        # the paper's finding: online ≥ semi-online ≥ offline; it compares the semi-online values
+        # with the two ends, not with each other (its s = 10 and s = 100 land close together)
+        kept = all(last["mean"] <= r["mean"] <= first["mean"] for r in middle) and first["mean"] >= last["mean"]
+        if kept:
+            text += (f" The DPO regimes are in the paper's order: {_short(first)}"
+                     + (f" ≥ {', '.join(_short(r) for r in middle)}" if middle else "") + f" ≥ {_short(last)}")
+            if len(middle) >= 2 and any(a["mean"] < b["mean"] for a, b in zip(middle, middle[1:])):
+                text += (" (between themselves, the semi-online runs go " + " ≥ ".join(
+                    _short(r) for r in sorted(middle, key=lambda r: -r["mean"])) + ")")
+        else:
+            text += (" The DPO regimes are not in the order online ≥ semi-online ≥ offline: "
+                     + " ≥ ".join(_short(r) for r in sorted(dpo, key=lambda r: -r["mean"])))
         gap, noise = first["mean"] - last["mean"], 2 * math.hypot(first["se"], last["se"])
         text += (f" (online − offline {_signed(gap)}, {'beyond' if abs(gap) > noise else 'within'} two standard "
-                 f"errors, ±{noise:.3f}).")
+                 f"errors, ±{noise:.3f}")
+        diffs = _paired(first, last)
+        if diffs:
+            mean, se = across_seeds(diffs)
+            text += (f"; paired by training seed {_signed(mean)} ± {se:.3f}, online higher on "
+                     f"{sum(d > 0 for d in diffs)} of {len(diffs)} seeds")
+        text += ")."
     clear = [_short(r) for r in regimes if r["mean"] - seed > 2 * r["se"] and r["se"] > 0]
     below = [_short(r) for r in regimes if r["mean"] <= seed]
     text += f" Above the seed by more than two standard errors: {', '.join(clear) if clear else 'none'}."
