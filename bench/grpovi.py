@@ -86,8 +86,8 @@ def summarize_run(lines: list[dict], steps: int) -> dict:
     area = sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(curve, curve[1:])) / steps
     trained = [m for m in lines if "reward/mean" in m]
     changed = [m["reward/var_groups_changed"] for m in trained if "reward/var_groups_changed" in m]
+    # No training-reward figure: with algo.grpovi the loop logs reward/mean of the shaped rewards.
     return {"curve": curve, "auc": area, "final": curve[-1][1], "start": curve[0][1],
-            "train_reward": statistics.mean(m["reward/mean"] for m in trained),
             "groups_skipped": statistics.mean(m["groups/skipped"] for m in trained),
             "vi_changed_share": statistics.mean(changed) if changed else None,
             "var_before": statistics.mean(m["reward/var_before"] for m in trained) if changed else None,
@@ -158,8 +158,8 @@ def main() -> None:
 
 def report(args, runs: dict, seconds: float) -> None:
     summary = {}
-    table = ["| normalize_std | arm | AUC / steps (mean ± SE) | final (mean ± SE) | train reward | VI changed groups |",
-             "|---|---|---|---|---|---|"]
+    table = ["| normalize_std | arm | AUC / steps (mean ± SE) | final (mean ± SE) | groups VI changed | "
+             "p-weighted group var before → after VI |", "|---|---|---|---|---|---|"]
     pairs = ["| normalize_std | measure | VI − GRPO (mean ± SE) | pairs VI > GRPO | sign test p |",
              "|---|---|---|---|---|"]
 
@@ -168,10 +168,12 @@ def report(args, runs: dict, seconds: float) -> None:
 
     for setting, arms in runs.items():
         for arm, rs in arms.items():
-            changed = [r["vi_changed_share"] for r in rs if r["vi_changed_share"] is not None]
+            vi = [r for r in rs if r["vi_changed_share"] is not None]
+            shaping = (f"{statistics.mean(r['vi_changed_share'] for r in vi):.1%} | "
+                       f"{statistics.mean(r['var_before'] for r in vi):.4f} → "
+                       f"{statistics.mean(r['var_after'] for r in vi):.4f}") if vi else "— | —"
             table.append(f"| {setting[4:]} | {arm} | {mse([r['auc'] for r in rs])} | {mse([r['final'] for r in rs])} | "
-                         f"{statistics.mean(r['train_reward'] for r in rs):.3f} | "
-                         f"{f'{statistics.mean(changed):.1%}' if changed else '—'} |")
+                         f"{shaping} |")
         summary[setting] = {"runs": arms}
         for measure in ("auc", "final"):
             d = paired([b[measure] - a[measure] for a, b in zip(arms["grpo"], arms["grpovi"])])
