@@ -249,6 +249,17 @@ def test_grpovi_in_the_loop_raises_variance_and_keeps_mean(tmp_path, tiny_model_
     assert ((shaped >= 0) & (shaped <= 1)).all()
     metrics = train_step(run)
     assert "reward/var_before" in metrics and metrics["reward/var_after"] >= metrics["reward/var_before"] - 1e-9
+    # reward/* report the rewards as scored, not as VI reshaped them (VI keeps the p-weighted mean,
+    # not the plain one): the same first step without VI logs the same reward/mean and std
+    (tmp_path / "graded.py").write_text(
+        "def score(prompts, completions, **_):\n    return [len(c) % 5 / 4 for c in completions]\n")
+    graded = ["algo.name=grpo", "rewards.tasks.arithmetic.kind=python", "rollout.temperature=1.5",
+              f"rewards.tasks.arithmetic.function={tmp_path / 'graded.py'}:score"]
+    first = [train_step(build_run(load_config(write_config(tmp_path, tiny_model_dir), BASE + graded + extra + [
+        f"train.out_dir={tmp_path / name}"]))) for name, extra in (("plain", []), ("vi2", ["algo.grpovi={}"]))]
+    assert first[1]["reward/var_after"] > first[1]["reward/var_before"]  # VI did reshape this batch
+    for key in ("reward/mean", "reward/std", "reward/group_std"):
+        assert first[0][key] == first[1][key], key
 
 
 def count_forwards(model) -> list[int]:

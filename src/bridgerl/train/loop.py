@@ -65,7 +65,7 @@ def train_step(run: Run) -> dict:
             rows, rollouts, rewards, sampled = broadcast_object(shared)
             rollouts, rewards = rollouts.to(run.device), rewards.to(run.device)
     reference = reference_for(run, rollouts)
-    grpovi_metrics = {}
+    grpovi_metrics, scored = {}, rewards  # reward/* metrics and alarms read the rewards as scored
     if getattr(cfg.algo, "grpovi", None) is not None:
         with timer("grpovi"):
             rewards, grpovi_metrics = grpovi(run, rows, rewards, reference)
@@ -78,7 +78,7 @@ def train_step(run: Run) -> dict:
     run.step += 1
     if reference is not None:
         timer.seconds["reference"] = reference.seconds  # spent inside grpovi / update
-    metrics = rollout_metrics(run, rows, rollouts, rewards) | sampled | sync_metrics | grpovi_metrics | update | timing(timer)
+    metrics = rollout_metrics(run, rows, rollouts, scored) | sampled | sync_metrics | grpovi_metrics | update | timing(timer)
     if metrics.get("tokens/generated") and timer.seconds.get("generate"):
         metrics["tokens/s"] = metrics["tokens/generated"] / timer.seconds["generate"]
     return metrics
