@@ -17,7 +17,7 @@ Setup (algorithms.md §4; the paper's anchor is 36.37 -> 38.08, shuffle -> LQS +
   the same step budget, so they pass over the kept rows more than once.
 - Scores are computed once, by a separate scorer model (init seed 1000, warmed up by 300 SFT steps on
   2000 proxy rows disjoint from D): loss = its answer-token NLL (`loss_based_scores`, high = hard);
-  LQS = `lqs_for_rows` (proxy run of plain SGD from the scorer over D, T = 40, η = 0.05, every 10
+  LQS = `lqs_for_rows` (proxy run of plain SGD from the scorer over D, T = 100, η = 0.05, every 10
   steps scored), whose high-quality target set J is a separate train-split draw of 128 rows per level,
   disjoint from D and the proxy rows, and never the eval rows (the tiny level has only ~8 held-out
   sums, so a test-split draw would repeat the eval problems).
@@ -49,7 +49,7 @@ import torch
 
 from bridgerl.config import SamplingConfig, SFTConfig
 from bridgerl.data.efficacy import apply_efficacy, spearman
-from bridgerl.data.delt import loss_based_scores, lqs_for_rows, write_scores
+from bridgerl.data.delt import loss_based_scores, lqs_for_rows, scores_from_file, write_scores
 from bridgerl.data.encoding import answer_samples, encode_sft
 from bridgerl.data.lqs import per_sample_grad_throughput
 from bridgerl.data.scorers import loss_scores, samples_from_prompt_lengths
@@ -235,9 +235,12 @@ def score_data(args, out: Path, train_rows, proxy_path: Path, target_rows,
     loss = loss_based_scores(model, tok, train_rows)
     info["loss_scoring_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    lqs = lqs_for_rows(model, tok, train_rows, target_rows, steps=args.lqs_steps, score_every=10,
-                       lr=args.lqs_lr, batch_size=16, seed=SCORER_SEED, params=args.lqs_params,
-                       first_denominator=args.lqs_denominator)
+    if args.lqs_scores:  # a scores_lqs.jsonl an earlier run (e.g. --check-only) wrote for these same rows
+        lqs = scores_from_file(args.lqs_scores, train_rows)
+    else:
+        lqs = lqs_for_rows(model, tok, train_rows, target_rows, steps=args.lqs_steps, score_every=10,
+                           lr=args.lqs_lr, batch_size=16, seed=SCORER_SEED, params=args.lqs_params,
+                           first_denominator=args.lqs_denominator)
     info["lqs_scoring_s"] = time.perf_counter() - clock
     for name, s in (("loss", loss), ("lqs", lqs)):
         write_scores(out / f"scores_{name}.jsonl", s, train_rows)
@@ -422,7 +425,7 @@ def main() -> None:
     p.add_argument("--size", default="nano", choices=["nano", "micro", "mini"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--lqs-steps", type=int, default=None, help="LQS proxy-run steps T; default 40, quick 20")
+    p.add_argument("--lqs-steps", type=int, default=None, help="LQS proxy-run steps T; default 100 (the paper's), quick 20")
     p.add_argument("--lqs-lr", type=float, default=0.05,
                    help="proxy-run SGD step size (paper: 0.008 at 160M; on nano that run barely moves)")
     p.add_argument("--scorer-rows", type=int, default=None, help="proxy rows that warm the scorer up; default 2000, "
@@ -447,13 +450,16 @@ def main() -> None:
     p.add_argument("--lqs-denominator", default="one", choices=["one", "final_norm"],
                    help="last scored term's denominator (lqs_scores first_denominator)")
     p.add_argument("--check-only", action="store_true", help="score and run the quality check, then stop")
+    p.add_argument("--lqs-scores", default=None,
+                   help="reuse the scores_lqs.jsonl of an earlier run on the same data instead of recomputing LQS "
+                        "(its timing then reads as the load time)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a loaded 2-core box)")
     args = p.parse_args()
     quick = args.quick
     args.seeds = args.seeds or (2 if quick else 3)
     args.rows = args.rows or (480 if quick else 4000)
     args.levels = [lvl.strip() for lvl in args.levels.split(",") if lvl.strip()]
-    args.lqs_steps = args.lqs_steps or (20 if quick else 40)
+    args.lqs_steps = args.lqs_steps or (20 if quick else 100)
     args.eval_per_level = args.eval_per_level or (40 if quick else 100)
     args.scorer_rows = args.scorer_rows or (480 if quick else 2000)
     args.scorer_steps = args.scorer_steps or (100 if quick else 300)
