@@ -1,25 +1,28 @@
 """DELT data efficacy on a tiny model: same data, same budget, different order / selection.
 
-    python bench/efficacy.py                   # 3 seeds, 4000 SFT rows, ~6-8 min on a shared 2-core CPU
-    python bench/efficacy.py --quick           # 2 seeds, 480 rows, ~1 min (a smoke run: accuracy stays ~0)
+    python bench/efficacy.py                   # 3 seeds, 4000 SFT rows, ~15-20 min on a shared 2-core CPU
+    python bench/efficacy.py --quick           # 2 seeds, 480 rows, ~1-2 min (a smoke run: accuracy stays ~0)
+    python bench/efficacy.py --check-only      # scorer + the LQS quality check only
     python bench/efficacy.py --seeds 5 --out runs/bench_efficacy
 
 Setup (algorithms.md §4; the paper's anchor is 36.37 -> 38.08, shuffle -> LQS + folding at 160M):
-- Data D: one built-in arithmetic pool mixing levels (default tiny + easy, equal shares: a
-  heterogeneous pool, so a score has something to rank), train split, one fixed draw for every seed.
+- Data D: one built-in arithmetic pool mixing levels (default tiny + easy, equal shares), train split,
+  one fixed draw for every seed. A quality axis: `--corrupt` (0.2) of D gets a wrong target
+  (`--corrupt-kind`: swap = another row's worked solution, the default; shift = the result moved by
+  1-5; random_text = the sanity case). Held-out rows stay correct.
 - Every run: a fresh tiny Llama (the seed sets its init and sft's shuffle), then
   `bridgerl.supervised.sft.sft` for |D| / batch steps (one pass over D, the paper's single epoch),
-  cosine LR. The only thing that changes between
-  conditions is the `order` of row indices handed to `sft`; the shuffle baseline is sft's own
-  seeded shuffle. Top-50% runs keep the same step budget, so they take two passes over half of D;
-  the "½" rows take one pass over that half (half the steps: the paper's "same accuracy from about
-  half the data").
-- Scores are computed once, by a separate scorer model (init seed 1000, warmed up by a short SFT on
-  a proxy draw disjoint from D): loss = its answer-token NLL (`loss_based_scores`, high = hard);
-  LQS = `lqs_for_rows` (proxy run of plain SGD from the scorer, every 10 steps scored), whose
-  high-quality target set J is a separate train-split draw of each level, disjoint from D, and
-  never the eval rows (the tiny level has only ~8 held-out sums, so a test-split draw would repeat
-  the eval problems).
+  cosine LR decaying over the run. The only thing that changes between conditions is the `order` of
+  row indices handed to `sft`; the shuffle baseline is sft's own seeded shuffle. Top-ratio runs keep
+  the same step budget, so they pass over the kept rows more than once.
+- Scores are computed once, by a separate scorer model (init seed 1000, warmed up by 300 SFT steps on
+  2000 proxy rows disjoint from D): loss = its answer-token NLL (`loss_based_scores`, high = hard);
+  LQS = `lqs_for_rows` (proxy run of plain SGD from the scorer over D, T = 100, η = 0.05, every 10
+  steps scored), whose high-quality target set J is a separate train-split draw of 128 rows per level,
+  disjoint from D and the proxy rows, and never the eval rows (the tiny level has only ~8 held-out
+  sums, so a test-split draw would repeat the eval problems).
+- Before orders are compared, the quality check: how well each score ranks the clean rows of D above
+  the corrupted ones (AUC); LQS must reach `--quality-auc`, or its orders are no evidence about DELT.
 - Eval: held-out split (problems never in training), equal shares per level: greedy accuracy with
   `math_reward`, and answer-token NLL per row.
 Errors: "± SE" is the standard error of the mean over seeds × eval items, clustered by seed
@@ -46,7 +49,7 @@ import torch
 
 from bridgerl.config import SamplingConfig, SFTConfig
 from bridgerl.data.efficacy import apply_efficacy, spearman
-from bridgerl.data.delt import loss_based_scores, lqs_for_rows, write_scores
+from bridgerl.data.delt import loss_based_scores, lqs_for_rows, scores_from_file, write_scores
 from bridgerl.data.encoding import answer_samples, encode_sft
 from bridgerl.data.lqs import per_sample_grad_throughput
 from bridgerl.data.scorers import loss_scores, samples_from_prompt_lengths
@@ -59,18 +62,19 @@ from bridgerl.supervised.sft import sft
 SCORER_SEED = 1000  # the scorer's init; training seeds are 0..S-1, so it never equals a trained model's
 DATA_SEED, PROXY_SEED, TARGET_SEED, EVAL_SEED = 0, 1, 2, 3
 
-# (name, scorer, select, order, fraction of the step budget); shuffle ignores the scores.
+# (name, scorer, select, order, kept share for top_ratio, fraction of the step budget); shuffle ignores
+# the scores. "-loss" is the negated loss, so top_ratio keeps the lowest-loss rows (the cheap quality filter).
 CONDITIONS = [
-    ("shuffle", None, "all", "shuffle", 1.0),
-    ("random scores, sorted", "random", "all", "sorted", 1.0),  # control: the explicit-order path, no signal
-    ("sorted / loss", "loss", "all", "sorted", 1.0),
-    ("folding / loss", "loss", "all", "folding", 1.0),
-    ("top50+fold / loss", "loss", "top_ratio", "folding", 1.0),
-    ("top50+fold / loss ½", "loss", "top_ratio", "folding", 0.5),
-    ("sorted / LQS", "lqs", "all", "sorted", 1.0),
-    ("folding / LQS", "lqs", "all", "folding", 1.0),
-    ("top50+fold / LQS", "lqs", "top_ratio", "folding", 1.0),
-    ("top50+fold / LQS ½", "lqs", "top_ratio", "folding", 0.5),
+    ("shuffle", None, "all", "shuffle", 1.0, 1.0),
+    ("random scores, sorted", "random", "all", "sorted", 1.0, 1.0),  # control: the explicit-order path, no signal
+    ("sorted / LQS", "lqs", "all", "sorted", 1.0, 1.0),
+    ("folding / LQS", "lqs", "all", "folding", 1.0, 1.0),
+    ("top80 / LQS, shuffled", "lqs", "top_ratio", "shuffle", 0.8, 1.0),  # selection alone
+    ("top80+fold / LQS", "lqs", "top_ratio", "folding", 0.8, 1.0),
+    ("top50+fold / LQS", "lqs", "top_ratio", "folding", 0.5, 1.0),
+    ("sorted / loss", "loss", "all", "sorted", 1.0, 1.0),  # easy -> hard
+    ("folding / loss", "loss", "all", "folding", 1.0, 1.0),
+    ("top80 / -loss, shuffled", "-loss", "top_ratio", "shuffle", 0.8, 1.0),  # drops the highest-loss 20 %
 ]
 
 
@@ -104,22 +108,38 @@ def level_rows(levels, per_level: int, seed: int, split: str, exclude: set[str] 
     return [dict(r, completion=r["solution"]) for r in out]
 
 
-def corrupt_rows(rows: list[dict], share: float, seed: int) -> tuple[list[dict], np.ndarray]:
-    """A quality axis for the scores to find: `share` of the rows get a wrong target (the worked
-    solution's result and boxed answer moved by 1-5), the rest stay correct. Returns the rows and a
-    bool mask of the corrupted ones. Held-out rows are never corrupted."""
+CORRUPT_KINDS = ("shift", "swap", "random_text")
+
+
+def corrupt_rows(rows: list[dict], share: float, seed: int, kind: str = "shift") -> tuple[list[dict], np.ndarray]:
+    """A quality axis for the scores to find: `share` of the rows get a wrong target, the rest stay
+    correct. Returns the rows and a bool mask of the corrupted ones. Held-out rows are never corrupted.
+
+    kind: "shift"       the worked solution's result and boxed answer moved by 1-5 (well-formed, wrong);
+          "swap"        the worked solution of another row (well-formed, about another problem);
+          "random_text" random letters, digits and spaces of the solution's length (the easy sanity case)."""
+    if kind not in CORRUPT_KINDS:
+        raise ValueError(f"unknown corruption kind {kind!r}; use one of {', '.join(CORRUPT_KINDS)}")
     rng = np.random.default_rng(seed)
     bad = np.zeros(len(rows), dtype=bool)
     bad[rng.choice(len(rows), size=round(share * len(rows)), replace=False)] = True
+    alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789     "))
     out = []
-    for row, corrupt in zip(rows, bad):
+    for i, (row, corrupt) in enumerate(zip(rows, bad)):
         if corrupt:
             answer = int(row["answer"])
-            wrong = answer + int(rng.choice([-1, 1])) * int(rng.integers(1, 6))
-            wrong = wrong if wrong >= 0 else answer + abs(wrong - answer)
-            completion = row["completion"].replace(f"= {answer}.", f"= {wrong}.").replace(
-                f"\\boxed{{{answer}}}", f"\\boxed{{{wrong}}}")
-            if completion == row["completion"]:
+            if kind == "shift":
+                wrong = answer + int(rng.choice([-1, 1])) * int(rng.integers(1, 6))
+                wrong = wrong if wrong >= 0 else answer + abs(wrong - answer)
+                completion = row["completion"].replace(f"= {answer}.", f"= {wrong}.").replace(
+                    f"\\boxed{{{answer}}}", f"\\boxed{{{wrong}}}")
+            elif kind == "swap":
+                others = [j for j in rng.permutation(len(rows))[:8].tolist()
+                          if rows[j]["answer"] != row["answer"] and j != i]
+                completion = rows[others[0]]["completion"] if others else ""
+            else:
+                completion = "".join(rng.choice(alphabet, size=len(row["completion"])))
+            if completion == row["completion"] or not completion:
                 raise ValueError(f"could not corrupt the target of {row['prompt']!r}: {completion!r}")
             row = dict(row, completion=completion)
         out.append(row)
@@ -197,22 +217,30 @@ def summary(values: np.ndarray, base: np.ndarray | None) -> dict:
 # ---------------------------------------------------------------- the experiment
 
 def score_data(args, out: Path, train_rows, proxy_path: Path, target_rows,
-               corrupted: np.ndarray) -> tuple[dict, dict]:
+               corrupted: np.ndarray, scorer_eval_rows: list[dict]) -> tuple[dict, dict]:
     """Warm up the scorer model, then loss and LQS scores of every training row (written with histograms)."""
-    init = make_tiny_model(out / "scorer_init", "llama", args.size, seed=SCORER_SEED)
-    steps = max(1, args.scorer_rows // args.batch_size)
+    init = make_tiny_model(out / "scorer_init", "llama", args.scorer_size, seed=SCORER_SEED)
+    steps = args.scorer_steps
     clock = time.perf_counter()
-    scorer_dir = sft(sft_config(init, proxy_path, out / "scorer", args, steps, SCORER_SEED, args.scorer_rows),
-                     progress=False)
+    cfg = sft_config(init, proxy_path, out / "scorer", args, steps, SCORER_SEED, args.scorer_rows)
+    cfg.optim.lr = args.scorer_lr or args.lr
+    scorer_dir = sft(cfg, progress=False)
     info = {"scorer_warmup_s": time.perf_counter() - clock, "scorer_warmup_steps": steps}
     tok, model = load_tokenizer(str(scorer_dir)), load_causal_lm(str(scorer_dir))
+    if args.scorer_eval:  # how much arithmetic the scorer knows: a scorer at chance cannot tell a wrong sum
+        acc, _ = evaluate(scorer_dir, scorer_eval_rows, args.max_new_tokens)
+        info["scorer_heldout_acc"] = float(acc.mean())
 
     clock = time.perf_counter()
     loss = loss_based_scores(model, tok, train_rows)
     info["loss_scoring_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    lqs = lqs_for_rows(model, tok, train_rows, target_rows, steps=args.lqs_steps, score_every=10,
-                       lr=args.lqs_lr, batch_size=16, seed=SCORER_SEED)
+    if args.lqs_scores:  # a scores_lqs.jsonl an earlier run (e.g. --check-only) wrote for these same rows
+        lqs = scores_from_file(args.lqs_scores, train_rows)
+    else:
+        lqs = lqs_for_rows(model, tok, train_rows, target_rows, steps=args.lqs_steps, score_every=10,
+                           lr=args.lqs_lr, batch_size=16, seed=SCORER_SEED, params=args.lqs_params,
+                           first_denominator=args.lqs_denominator)
     info["lqs_scoring_s"] = time.perf_counter() - clock
     for name, s in (("loss", loss), ("lqs", lqs)):
         write_scores(out / f"scores_{name}.jsonl", s, train_rows)
@@ -225,6 +253,9 @@ def score_data(args, out: Path, train_rows, proxy_path: Path, target_rows,
                                  "loss_auc": auc(-loss[clean], -loss[corrupted]),
                                  "pass_at": args.quality_auc}
         info["quality_check"]["lqs_pass"] = info["quality_check"]["lqs_auc"] >= args.quality_auc
+        for name, s in (("lqs", lqs), ("-loss", -loss)):  # what a top-80 % selection drops
+            dropped = np.setdiff1d(np.arange(len(s)), apply_efficacy(s, "top_ratio", "none", ratio=0.8))
+            info["quality_check"][f"{name}_bottom20_corrupted_share"] = float(corrupted[dropped].mean())
 
     levels = args.levels
     level = np.asarray([levels.index(r["difficulty"]) for r in train_rows])
@@ -234,16 +265,16 @@ def score_data(args, out: Path, train_rows, proxy_path: Path, target_rows,
                         "loss_vs_length": spearman(loss, lengths)}
     info["mean_by_level"] = {lvl: {"loss": float(loss[level == i].mean()), "lqs": float(lqs[level == i].mean())}
                              for i, lvl in enumerate(levels)}
-    keep = apply_efficacy(lqs, "top_ratio", "none", ratio=0.5)
-    info["lqs_top50_level_share"] = {lvl: float((level[keep] == i).mean()) for i, lvl in enumerate(levels)}
-    keep = apply_efficacy(loss, "top_ratio", "none", ratio=0.5)
-    info["loss_top50_level_share"] = {lvl: float((level[keep] == i).mean()) for i, lvl in enumerate(levels)}
+    keep = apply_efficacy(lqs, "top_ratio", "none", ratio=0.8)
+    info["lqs_top80_level_share"] = {lvl: float((level[keep] == i).mean()) for i, lvl in enumerate(levels)}
+    keep = apply_efficacy(-loss, "top_ratio", "none", ratio=0.8)
+    info["-loss_top80_level_share"] = {lvl: float((level[keep] == i).mean()) for i, lvl in enumerate(levels)}
 
     # Throughput on the scorer itself: the per-sample gradients LQS takes at every scored step.
     sample = samples_from_prompt_lengths(answer_samples(tok, train_rows[:: max(1, len(train_rows) // 64)][:64]))
     info["per_sample_grad_throughput"] = per_sample_grad_throughput(model, sample, chunk_size=16, repeats=3,
                                                                     pad_id=tok.pad_token_id)
-    return {"loss": loss, "lqs": lqs}, info
+    return {"loss": loss, "-loss": -loss, "lqs": lqs}, info
 
 
 def run(args) -> dict:
@@ -254,7 +285,7 @@ def run(args) -> dict:
     levels = args.levels
     per_level = args.rows // len(levels)
     train_rows = level_rows(levels, per_level, DATA_SEED, "train")
-    train_rows, corrupted = corrupt_rows(train_rows, args.corrupt, DATA_SEED)
+    train_rows, corrupted = corrupt_rows(train_rows, args.corrupt, DATA_SEED, args.corrupt_kind)
     taken = {r["prompt"] for r in train_rows}
     proxy_rows = level_rows(levels, args.scorer_rows // len(levels), PROXY_SEED, "train", taken)
     target_rows = level_rows(levels, args.target_per_level, TARGET_SEED, "train",
@@ -267,16 +298,20 @@ def run(args) -> dict:
 
     print(f"[efficacy] D = {len(train_rows)} rows ({per_level}/level), {steps} steps x batch {args.batch_size}; "
           f"eval {len(eval_rows)} held-out rows; LQS target {len(target_rows)} rows", flush=True)
-    scores, info = score_data(args, out, train_rows, proxy_path, target_rows, corrupted)
+    scores, info = score_data(args, out, train_rows, proxy_path, target_rows, corrupted, eval_rows)
     if "quality_check" in info:
         q = info["quality_check"]
         print(f"[efficacy] quality check ({q['corrupted_rows']} rows with wrong targets): LQS ranks clean above "
               f"corrupted with AUC {q['lqs_auc']:.3f}, loss {q['loss_auc']:.3f} (pass at {q['pass_at']}); "
-              + ("LQS passes" if q["lqs_pass"] else "LQS FAILS: its orders below are not evidence about DELT"),
-              flush=True)
+              + ("LQS passes" if q["lqs_pass"] else "LQS FAILS: its orders below are not evidence about DELT")
+              + f"; corrupted share of the lowest 20 %: LQS {q['lqs_bottom20_corrupted_share']:.2f}, "
+              f"loss {q['-loss_bottom20_corrupted_share']:.2f}", flush=True)
     print(f"[efficacy] scoring: loss {info['loss_scoring_s']:.1f}s, LQS {info['lqs_scoring_s']:.1f}s "
-          f"(T={args.lqs_steps}); spearman {json.dumps({k: round(v, 3) for k, v in info['spearman'].items()})}",
-          flush=True)
+          f"(T={args.lqs_steps}); scorer: {info['scorer_warmup_steps']} warm-up steps, held-out acc "
+          f"{info.get('scorer_heldout_acc', float('nan')):.3f}; "
+          f"spearman {json.dumps({k: round(v, 3) for k, v in info['spearman'].items()})}", flush=True)
+    if args.check_only:
+        return {"config": vars(args), "scoring": info, "conditions": {}}
 
     results = {name: {"acc": [], "nll": [], "acc_by_level": [], "nll_by_level": [], "train_s": []}
                for name, *_ in CONDITIONS}
@@ -284,9 +319,9 @@ def run(args) -> dict:
     for seed in range(args.seeds):
         init = make_tiny_model(out / f"init_{seed}", "llama", args.size, seed=seed)
         scores["random"] = np.random.default_rng(10_000 + seed).random(len(train_rows))
-        for name, scorer, select, order_rule, budget in CONDITIONS:
+        for name, scorer, select, order_rule, ratio, budget in CONDITIONS:
             order = (None if scorer is None
-                     else apply_efficacy(scores[scorer], select, order_rule, ratio=0.5, folds=3))
+                     else apply_efficacy(scores[scorer], select, order_rule, ratio=ratio, folds=3, seed=seed))
             run_dir = out / f"run_{seed}"
             clock = time.perf_counter()
             sft(sft_config(init, train_path, run_dir, args, round(steps * budget), seed, len(train_rows)),
@@ -304,12 +339,12 @@ def run(args) -> dict:
 
     base_acc, base_nll = np.asarray(results["shuffle"]["acc"]), np.asarray(results["shuffle"]["nll"])
     table = {}
-    for name, scorer, select, order_rule, budget in CONDITIONS:
+    for name, scorer, select, order_rule, ratio, budget in CONDITIONS:
         r = results[name]
         acc, nll = np.asarray(r["acc"]), np.asarray(r["nll"])
         table[name] = {"scorer": scorer, "select": select, "order": order_rule,
                        "steps": round(steps * budget), "rows_seen": round(steps * budget) * args.batch_size,
-                       "distinct_rows": len(train_rows) if select == "all" else len(train_rows) // 2,
+                       "distinct_rows": len(train_rows) if select == "all" else int(ratio * len(train_rows) + 1e-9),
                        "accuracy": summary(acc, None if name == "shuffle" else base_acc),
                        "heldout_nll": summary(nll, None if name == "shuffle" else base_nll),
                        "accuracy_by_level": dict(zip(levels, np.asarray(r["acc_by_level"]).mean(0).tolist())),
@@ -349,11 +384,12 @@ def print_table(res: dict) -> None:
         q = info["quality_check"]
         print(f"quality check: {q['corrupted_rows']} corrupted targets; clean-above-corrupted AUC LQS "
               f"{q['lqs_auc']:.3f}, loss {q['loss_auc']:.3f}; LQS {'passes' if q['lqs_pass'] else 'fails'} "
-              f"(≥ {q['pass_at']})")
+              f"(≥ {q['pass_at']}); corrupted share of the dropped 20 %: LQS "
+              f"{q['lqs_bottom20_corrupted_share']:.2f}, -loss {q['-loss_bottom20_corrupted_share']:.2f}")
     print("score ranks (spearman): " + ", ".join(f"{k} {v:+.2f}" for k, v in info["spearman"].items()))
-    print(f"top-50% keeps ({'/'.join(cfg['levels'])} share): LQS "
-          + "/".join(f"{v:.2f}" for v in info["lqs_top50_level_share"].values())
-          + ", loss " + "/".join(f"{v:.2f}" for v in info["loss_top50_level_share"].values()))
+    print(f"top-80% keeps ({'/'.join(cfg['levels'])} share): LQS "
+          + "/".join(f"{v:.2f}" for v in info["lqs_top80_level_share"].values())
+          + ", -loss " + "/".join(f"{v:.2f}" for v in info["-loss_top80_level_share"].values()))
     print("paper anchor (160M pretraining, 8-task avg): shuffle 36.37 -> LQS + folding 38.08 (+1.71)")
 
 
@@ -389,26 +425,46 @@ def main() -> None:
     p.add_argument("--size", default="nano", choices=["nano", "micro", "mini"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--lqs-steps", type=int, default=None, help="LQS proxy-run steps T; default 40, quick 20")
-    p.add_argument("--lqs-lr", type=float, default=8e-3, help="proxy-run SGD step size (paper: 0.008)")
-    p.add_argument("--scorer-rows", type=int, default=480, help="proxy rows that warm the scorer model up")
-    p.add_argument("--target-per-level", type=int, default=16, help="LQS target-set rows per level")
+    p.add_argument("--lqs-steps", type=int, default=None, help="LQS proxy-run steps T; default 100 (the paper's), quick 20")
+    p.add_argument("--lqs-lr", type=float, default=0.05,
+                   help="proxy-run SGD step size (paper: 0.008 at 160M; on nano that run barely moves)")
+    p.add_argument("--scorer-rows", type=int, default=None, help="proxy rows that warm the scorer up; default 2000, "
+                   "quick 480")
+    p.add_argument("--target-per-level", type=int, default=None,
+                   help="LQS target-set rows per level; default 128, quick 16")
     p.add_argument("--eval-per-level", type=int, default=None, help="held-out rows per level; default 100, quick 40")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--corrupt", type=float, default=0.2,
                    help="share of training rows given a wrong target (the quality axis LQS must find); 0 = none")
     p.add_argument("--quality-auc", type=float, default=0.75,
                    help="LQS must rank clean rows above corrupted ones with at least this AUC")
+    p.add_argument("--corrupt-kind", default="swap", choices=CORRUPT_KINDS,
+                   help="shift: result moved by 1-5; swap: another row's solution; random_text: the sanity case")
+    p.add_argument("--scorer-size", default="nano", choices=["nano", "micro", "mini"], help="scorer model size")
+    p.add_argument("--scorer-steps", type=int, default=None,
+                   help="scorer warm-up SFT steps on the proxy rows (cycled); default 300, quick 100")
+    p.add_argument("--scorer-lr", type=float, default=None, help="scorer warm-up lr; default --lr")
+    p.add_argument("--scorer-eval", action="store_true", help="report the scorer's held-out accuracy")
+    p.add_argument("--lqs-params", default=None,
+                   help="comma-separated parameter-name prefixes LQS differentiates (default: all)")
+    p.add_argument("--lqs-denominator", default="one", choices=["one", "final_norm"],
+                   help="last scored term's denominator (lqs_scores first_denominator)")
+    p.add_argument("--check-only", action="store_true", help="score and run the quality check, then stop")
+    p.add_argument("--lqs-scores", default=None,
+                   help="reuse the scores_lqs.jsonl of an earlier run on the same data instead of recomputing LQS "
+                        "(its timing then reads as the load time)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a loaded 2-core box)")
     args = p.parse_args()
     quick = args.quick
     args.seeds = args.seeds or (2 if quick else 3)
     args.rows = args.rows or (480 if quick else 4000)
     args.levels = [lvl.strip() for lvl in args.levels.split(",") if lvl.strip()]
-    args.lqs_steps = args.lqs_steps or (20 if quick else 40)
+    args.lqs_steps = args.lqs_steps or (20 if quick else 100)
     args.eval_per_level = args.eval_per_level or (40 if quick else 100)
-    if quick:
-        args.scorer_rows = min(args.scorer_rows, 240)
+    args.scorer_rows = args.scorer_rows or (480 if quick else 2000)
+    args.scorer_steps = args.scorer_steps or (100 if quick else 300)
+    args.target_per_level = args.target_per_level or (16 if quick else 128)
+    args.lqs_params = [x.strip() for x in args.lqs_params.split(",") if x.strip()] if args.lqs_params else None
     torch.set_num_threads(args.threads)
     import transformers
     transformers.logging.set_verbosity_error()
@@ -421,8 +477,12 @@ def main() -> None:
                       "cpus": os.cpu_count(), "loadavg_start": load, "loadavg_end": os.getloadavg(),
                       "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
                       "wall_s": time.perf_counter() - clock}
-    print_table(res)
     out = Path(args.out)
+    if args.check_only:
+        (out / "results.json").write_text(json.dumps(res, indent=2))
+        print(f"[efficacy] check only: {res['machine']['wall_s']:.0f}s wall; wrote {out / 'results.json'}")
+        return
+    print_table(res)
     (out / "results.json").write_text(json.dumps(res, indent=2))
     plot(res, out / "efficacy.png")
     print(f"\n[efficacy] {res['machine']['wall_s']:.0f}s wall, "

@@ -44,3 +44,41 @@ def test_auc_is_the_share_of_pairs_ranked_the_right_way(bench):
     assert bench.auc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 0.0
     assert bench.auc(np.array([1.0, 3.0]), np.array([2.0])) == 0.5
     assert bench.auc(np.array([1.0]), np.array([1.0])) == 0.5
+
+
+def test_swap_and_random_text_corruptions_give_wrong_targets_and_unknown_kinds_fail(bench):
+    rows = bench.level_rows(["tiny", "easy"], 50, 0, "train")
+    for kind in ("swap", "random_text"):
+        out, bad = bench.corrupt_rows(rows, 0.3, 0, kind)
+        assert bad.sum() == 30
+        for row, new, corrupt in zip(rows, out, bad):
+            assert (new["completion"] != row["completion"]) == corrupt
+            assert math_reward([new["completion"]], answer=[row["answer"]])[0] == (0.0 if corrupt else 1.0)
+            if corrupt and kind == "swap":  # another row's well-formed solution
+                assert new["completion"] in {r["completion"] for r in rows}
+    with pytest.raises(ValueError, match="swap"):
+        bench.corrupt_rows(rows, 0.3, 0, "typo")
+
+
+def test_lqs_for_rows_passes_the_parameter_subset_and_denominator_on(tmp_path):
+    import torch
+
+    from bridgerl.data.delt import lqs_for_rows
+    from bridgerl.data.encoding import answer_samples
+    from bridgerl.data.lqs import lqs_scores
+    from bridgerl.data.scorers import samples_from_prompt_lengths
+    from bridgerl.data.tasks import builtin_rows
+    from bridgerl.models import load_causal_lm, load_tokenizer, make_tiny_model
+
+    torch.set_num_threads(1)
+    path = make_tiny_model(tmp_path / "m", "llama", "nano", seed=0)
+    tok, model = load_tokenizer(str(path)), load_causal_lm(str(path))
+    rows = [dict(r, completion=r["solution"]) for r in builtin_rows("arithmetic:tiny", 12, 0, "train")]
+    target = [dict(r, completion=r["solution"]) for r in builtin_rows("arithmetic:tiny", 4, 5, "train")]
+    kw = dict(steps=4, score_every=2, lr=0.05, batch_size=4, seed=0)
+    sub = lqs_for_rows(model, tok, rows, target, params=["model.layers.1"], first_denominator="final_norm", **kw)
+    ref = lqs_scores(model, samples_from_prompt_lengths(answer_samples(tok, rows)),
+                     samples_from_prompt_lengths(answer_samples(tok, target)), params=["model.layers.1"],
+                     first_denominator="final_norm", pad_id=tok.pad_token_id, progress=False, **kw)
+    np.testing.assert_allclose(sub, ref.scores, rtol=1e-6, atol=1e-8)
+    assert not np.allclose(sub, lqs_for_rows(model, tok, rows, target, **kw))  # the defaults differ

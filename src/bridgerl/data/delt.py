@@ -90,15 +90,18 @@ def efficacy_order_for_sft(cfg, model, tokenizer, rows: list[dict], encoded: lis
 
 
 def lqs_for_rows(model, tokenizer, rows: list[dict], target_rows: list[dict], steps: int = 40,
-                 score_every: int = 10, lr: float = 8e-3, batch_size: int = 16, seed: int = 0) -> np.ndarray:
-    """LQS (algorithms.md §4.1) of each row against a small high-quality target set."""
+                 score_every: int = 10, lr: float = 8e-3, batch_size: int = 16, seed: int = 0,
+                 params=None, first_denominator: str = "one") -> np.ndarray:
+    """LQS (algorithms.md §4.1) of each row against a small high-quality target set; `params` and
+    `first_denominator` go to `lqs_scores` (a parameter subset; the last scored term's denominator)."""
     from .lqs import lqs_scores
     from .scorers import samples_from_prompt_lengths
 
     samples = samples_from_prompt_lengths(answer_samples(tokenizer, rows))
     target = samples_from_prompt_lengths(answer_samples(tokenizer, target_rows))
     result = lqs_scores(model, samples, target, steps=steps, lr=lr, batch_size=batch_size, score_every=score_every,
-                        pad_id=tokenizer.pad_token_id, seed=seed)
+                        pad_id=tokenizer.pad_token_id, seed=seed, params=params,
+                        first_denominator=first_denominator)
     return np.asarray(result.scores)
 
 
