@@ -62,6 +62,16 @@ def test_headline_states_gains_order_and_who_falls_below_the_seed():
     assert "paired by training seed +0.050 ± 0.144, online higher on 2 of 3 seeds" in headline(noisy)
 
 
+def test_regimes_not_above_the_seed_say_how_their_seeds_fell():
+    from bridgerl.report.summary import below_seed_notes
+
+    assert below_seed_notes(summary()) == [
+        "offline DPO is not above the seed (0.190 against 0.220): every seed ended below it (per seed 0.180 0.200 0.190)."]
+    split = below_seed_notes(summary(offline=(0.28, 0.10, 0.12)))
+    assert len(split) == 1 and "2 of 3 seeds ended below it and the rest above: a collapse" in split[0]
+    assert below_seed_notes(summary(offline=(0.30, 0.31, 0.29))) == []
+
+
 def test_table_has_one_row_per_regime_plus_the_seed():
     table = summary_table(summary())
     assert [r[0] for r in table.rows] == ["seed model (SFT)", "offline DPO", "semi-online DPO (s=5)",

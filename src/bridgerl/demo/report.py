@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..report import Section, Table, load_run, write_report
 from ..report.runs import Estimate
-from ..report.summary import SUMMARY, headline, plot_sync_every, summary_table, write_summary
+from ..report.summary import SUMMARY, below_seed_notes, headline, plot_sync_every, summary_table, write_summary
 from .settings import DemoSettings
 from .stages import StageResult, StageRunner
 
@@ -87,9 +87,11 @@ def demo_report(out: Path, st: DemoSettings, seed: int, quick: bool, runner: Sta
               "(Math-Verify, the reward model)."))
 
     wall = sum(r.wall_s for r in runner.results.values())
+    notes = below_seed_notes(summary)
     preamble = (
         f"**{headline(summary)}**\n\n"
-        f"`bridgerl demo{' --quick' if quick else ''} --seed {seed}` on {machine_line()}.\n\n"
+        + "".join(f"- {note}\n" for note in notes) + ("\n" if notes else "")
+        + f"`bridgerl demo{' --quick' if quick else ''} --seed {seed}` on {machine_line()}.\n\n"
         + (f"Every stage was cached: this invocation only rewrote the report; the stages' wall times sum to "
            f"{wall:.0f} s as they ran. " if all(r.cached for r in runner.results.values()) else
            f"This invocation took {elapsed:.0f} s wall with {jobs} training run(s) at once; stage wall times sum "

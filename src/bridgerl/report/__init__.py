@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .plots import PLOTS, plot_metric
 from .runs import Estimate, RunData, load_run, regime_name
-from .summary import headline, is_summary_folder, plot_sync_every, read_summary, summary_table
+from .summary import below_seed_notes, headline, is_summary_folder, plot_sync_every, read_summary, summary_table
 from .table import Table, comparison_table
 
 __all__ = ["Section", "write_report", "build_report", "load_run", "comparison_table", "RunData", "Estimate",
@@ -114,7 +114,9 @@ def _summary_report(folders: list[str | Path], out_dir: str | Path, title: str) 
         table = summary_table(summary)
         tables.append(table)
         png = plot_sync_every(summary, out / "plots" / f"heldout_vs_sync_every_{k}.png")
-        parts += [f"## {folder}: {summary.get('task', '')}", "", f"**{headline(summary)}**", "", table.markdown(), ""]
+        parts += [f"## {folder}: {summary.get('task', '')}", "", f"**{headline(summary)}**", ""]
+        parts += [f"- {note}" for note in below_seed_notes(summary)] + [""] * bool(below_seed_notes(summary))
+        parts += [table.markdown(), ""]
         if png is not None:
             parts += [f"![held-out vs sync_every](plots/{png.name})", ""]
     out.mkdir(parents=True, exist_ok=True)

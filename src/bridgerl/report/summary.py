@@ -19,7 +19,7 @@ from pathlib import Path
 from .table import Table
 
 __all__ = ["SUMMARY", "read_summary", "write_summary", "headline", "summary_table", "plot_sync_every",
-           "across_seeds", "is_summary_folder"]
+           "across_seeds", "is_summary_folder", "below_seed_notes"]
 
 SUMMARY = "summary.json"
 _REQUIRED = ("name", "algo", "sync_every", "seeds", "final", "mean", "se")
@@ -136,6 +136,22 @@ def headline(summary: dict) -> str:
     if below:
         text += f" Not above the seed: {', '.join(below)}."
     return text
+
+
+def below_seed_notes(summary: dict) -> list[str]:
+    """For each regime whose mean is not above the seed model: how its training seeds fell, which
+    tells a collapse on some seeds (others above the seed) from a drift of all of them."""
+    seed, notes = summary["seed_model"]["mean"], []
+    for r in summary["regimes"]:
+        if r["mean"] > seed:
+            continue
+        below = [v for v in r["final"] if v <= seed]
+        kind = ("every seed ended below it" if len(below) == len(r["final"]) else
+                f"{len(below)} of {len(r['final'])} seeds ended below it and the rest above: a collapse on some "
+                "seeds rather than a drift of all")
+        notes.append(f"{_short(r)} is not above the seed ({r['mean']:.3f} against {seed:.3f}): {kind} "
+                     f"(per seed {' '.join(f'{v:.3f}' for v in r['final'])}).")
+    return notes
 
 
 def summary_table(summary: dict) -> Table:
