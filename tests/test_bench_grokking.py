@@ -1,0 +1,39 @@
+"""bench/grokking.py's analysis helpers: the shuffled-experts baseline and the rise window."""
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pytest
+
+from bridgerl.monitor.pathways import group_distance, kept_experts, pathway_strings
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = Path(__file__).resolve().parents[1] / "bench" / "grokking.py"
+    spec = importlib.util.spec_from_file_location("bench_grokking", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shuffle_keeps_each_samples_weights_and_breaks_shared_routes(bench):
+    rng = np.random.default_rng(0)
+    one = rng.dirichlet(np.full(8, 0.3), size=(1, 3))
+    weights = np.repeat(one, 64, axis=0)  # every sample routes identically: distance 0
+    shuffled = bench.shuffle_experts(weights, rng)
+    np.testing.assert_allclose(np.sort(shuffled, -1), np.sort(weights, -1))  # same multiset per (sample, layer)
+    np.testing.assert_array_equal(kept_experts(shuffled)[1], kept_experts(weights)[1])  # same pathway lengths
+    assert group_distance(pathway_strings(weights)) == 0.0
+    assert bench.shuffled_distance(weights, 0.7, "char", 2, rng) > 1.0  # identities no longer shared
+
+
+def test_rise_window_runs_from_onset_to_plateau(bench):
+    acc = np.array([0.0, 0.01, 0.02, 0.3, 0.5, 0.7, 0.96, 0.6, 1.0, 1.0])
+    onset = bench.rise_onset(acc)
+    assert onset == 3
+    assert bench.rise_end(acc, onset, 0.95) == 6  # first checkpoint at ≥ 95% of the maximum
+    assert bench.rise_end(acc, onset, 0.999) == 8
