@@ -83,6 +83,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--save-checkpoints", action="store_true", help="also write model state_dicts per checkpoint")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: 1 seed, few steps")
     parser.add_argument("--progress", action="store_true", help="print one line per 10 checkpoints")
+    parser.add_argument("--report", type=Path, default=None, metavar="JSON",
+                        help="no training: rebuild the figure and tables in --out from a saved grokking.json or "
+                             "grokking.partial.json (e.g. the seeds an interrupted run finished)")  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.p, args.steps, args.eval_every, args.seeds, args.probe = 23, 60, 5, 1, 64
@@ -304,9 +307,14 @@ def analyse(args, record, model, train_x, sample_losses, routing, rows) -> dict:
         and abs(live["pathways/consistency"] - series["consistency"][-1]) < 1e-6
     )
 
+    return add_correlations(record, args.plateau)
+
+
+def add_correlations(record: dict, plateau: float) -> dict:
+    """The rise window and every correlation, from the recorded per-checkpoint series."""
     test_acc = np.asarray(record["test_acc"])
     onset = rise_onset(test_acc)
-    end = None if onset is None else rise_end(test_acc, onset, args.plateau)
+    end = None if onset is None else rise_end(test_acc, onset, plateau)
     record["rise_onset_step"] = None if onset is None else record["steps"][onset]
     record["rise_end_step"] = None if end is None else record["steps"][end]
     record["rise_checkpoints"] = 0 if onset is None else end - onset + 1
@@ -423,20 +431,7 @@ def describe(r: dict) -> str:
     )
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    records = []
-    partial = args.out / "grokking.partial.json"
-    for seed in range(args.seeds):
-        seed_start = time.perf_counter()
-        record = train_seed(args, seed)
-        record["seconds"] = time.perf_counter() - seed_start
-        records.append(record)
-        print(describe(record), flush=True)
-        partial.write_text(json.dumps(records, indent=1))  # survives an interrupted multi-seed run
+def write_report(args: argparse.Namespace, records: list[dict], seconds: float) -> str:
     figure = args.out / "grokking.png"
     plot(records, figure, args.top_k, args.experts)
     report = "\n\n".join([
@@ -450,13 +445,38 @@ def main() -> None:
         + format_table(records, "rise_vs_router_top1", ("distance_char", "rel_distance_char")),
         "Correlation with test accuracy over all checkpoints:\n\n" + format_table(records, "all"),
     ])  # fmt: skip
+    (args.out / "correlations.md").write_text(report + "\n")
+    return report + f"\n\nfigure: {figure}\ntotal {seconds:.0f} s"
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.report is not None:
+        if not args.report.is_file():
+            raise SystemExit(f"--report {args.report}: no such file; pass a grokking.json or grokking.partial.json "
+                             "that a run of this bench wrote.")  # fmt: skip
+        saved = json.loads(args.report.read_text())
+        records = [add_correlations(r, args.plateau) for r in (saved["records"] if isinstance(saved, dict) else saved)]
+        seconds = saved["seconds"] if isinstance(saved, dict) else sum(r["seconds"] for r in records)
+        print(write_report(args, records, seconds))
+        return
+    started = time.perf_counter()
+    records = []
+    partial = args.out / "grokking.partial.json"
+    for seed in range(args.seeds):
+        seed_start = time.perf_counter()
+        record = train_seed(args, seed)
+        record["seconds"] = time.perf_counter() - seed_start
+        records.append(record)
+        print(describe(record), flush=True)
+        partial.write_text(json.dumps(records, indent=1))  # survives an interrupted multi-seed run
     seconds = time.perf_counter() - started
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "records": records, "seconds": seconds}
     (args.out / "grokking.json").write_text(json.dumps(summary))
-    (args.out / "correlations.md").write_text(report + "\n")
     partial.unlink(missing_ok=True)
-    print("\n" + report)
-    print(f"\nfigure: {figure}\ntotal {summary['seconds']:.0f} s")
+    print("\n" + write_report(args, records, seconds))
 
 
 if __name__ == "__main__":

@@ -37,3 +37,15 @@ def test_rise_window_runs_from_onset_to_plateau(bench):
     assert onset == 3
     assert bench.rise_end(acc, onset, 0.95) == 6  # first checkpoint at ≥ 95% of the maximum
     assert bench.rise_end(acc, onset, 0.999) == 8
+
+
+def test_correlations_are_rebuilt_from_saved_series(bench):
+    acc = np.array([0.0, 0.01, 0.02, 0.3, 0.5, 0.7, 0.96, 0.6, 1.0, 1.0])
+    record = {"steps": list(range(0, 100, 10)), "test_acc": acc.tolist(), "router_top1": [0.3] * 10}
+    for name in bench.METRICS:
+        record[name] = (-acc + 0.01 * np.arange(10)).tolist()  # tracks accuracy down to its dips
+    record = bench.add_correlations(record, 0.95)
+    assert (record["rise_onset_step"], record["rise_end_step"], record["rise_checkpoints"]) == (30, 60, 4)
+    pearson, spearman = record["correlations"]["rise"]["rel_distance_char"]
+    assert pearson < -0.99 and spearman == pytest.approx(-1.0)
+    assert record["correlations"]["rise_changes"]["distance_char"][0] < -0.99
