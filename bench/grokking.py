@@ -202,14 +202,38 @@ def train_seed(args: argparse.Namespace, seed: int) -> dict:
     return analyse(args, record, model, train_x, np.stack(sample_losses), np.stack(routing), np.stack(rows))
 
 
-def rise_onset(test_acc: np.ndarray, fraction: float = 0.1) -> int | None:
-    """First checkpoint from which test accuracy stays above lo + fraction·(hi − lo)."""
-    hi, lo = test_acc.max(), test_acc[: int(test_acc.argmax()) + 1].min()
-    if hi - lo < 0.2:  # no generalisation jump to speak of
+def rise_onset(test_acc: np.ndarray, fraction: float = 0.1, floor: float | None = None,
+               min_jump: float = 0.2) -> int | None:  # fmt: skip
+    """First checkpoint from which test accuracy stays above lo + fraction·(hi − lo).
+
+    lo is the pre-peak low, or `floor` when given (e.g. the mirror share: accuracy that
+    a + b = b + a gives away without generalising). None when hi − lo < `min_jump`.
+    """
+    hi = test_acc.max()
+    lo = test_acc[: int(test_acc.argmax()) + 1].min() if floor is None else floor
+    if hi - lo < min_jump:  # no generalisation jump to speak of
         return None
     above = test_acc > lo + fraction * (hi - lo)
     stays = np.flip(np.logical_and.accumulate(np.flip(above)))
     return int(stays.argmax()) if stays.any() else None
+
+
+def running_median(x: np.ndarray, width: int) -> np.ndarray:
+    """Centred running median (edges padded with the end values), same length as x."""
+    half = width // 2
+    padded = np.concatenate([np.full(half, x[0]), x, np.full(half, x[-1])])
+    return np.median(np.lib.stride_tricks.sliding_window_view(padded, width), axis=-1)
+
+
+def mirror_share(p: int, train_frac: float, seed: int) -> float:
+    """Share of test pairs (a, b) whose mirror (b, a) is a training pair (never when a = b).
+
+    Addition commutes, so a model that only memorised its training pairs can answer these;
+    test accuracy's early jump to about this level is memorisation, not grokking.
+    """
+    train_x, _, test_x, _ = make_data(p, train_frac, seed)
+    train = {(int(a), int(b)) for a, b, _ in train_x}
+    return float(np.mean([(int(b), int(a)) in train for a, b, _ in test_x]))
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -308,26 +332,38 @@ def analyse(args, record, model, train_x, sample_losses, routing, rows) -> dict:
         and abs(live["pathways/consistency"] - series["consistency"][-1]) < 1e-6
     )
 
-    return add_correlations(record, args.plateau)
+    return add_correlations(record, args.plateau, mirror_share(args.p, args.train_frac, record["seed"]))
 
 
-def add_correlations(record: dict, plateau: float) -> dict:
-    """The rise window and every correlation, from the recorded per-checkpoint series."""
+def add_correlations(record: dict, plateau: float, mirror: float | None = None) -> dict:
+    """The rise window and every correlation, from the recorded per-checkpoint series.
+
+    With `mirror` (see `mirror_share`) a second window, "grok", starts where test accuracy
+    stays above mirror + 10% of the way to its maximum: generalisation beyond a + b = b + a.
+    """
     test_acc = np.asarray(record["test_acc"])
-    onset = rise_onset(test_acc)
-    end = None if onset is None else rise_end(test_acc, onset, plateau)
-    record["rise_onset_step"] = None if onset is None else record["steps"][onset]
-    record["rise_end_step"] = None if end is None else record["steps"][end]
-    record["rise_checkpoints"] = 0 if onset is None else end - onset + 1
-    record["correlations"] = {
-        "rise": correlate(record, METRICS, onset, end),
-        "all": correlate(record, METRICS, 0, len(test_acc) - 1),
-        "rise_changes": correlate(record, METRICS, onset, end, diff=True),
+    windows = {"rise": rise_onset(test_acc)}
+    if mirror is not None:
+        record["mirror_share"] = mirror
+        # Slingshot spikes drop test accuracy to the mirror level for a few checkpoints; a running
+        # median over 9 checkpoints keeps them from postponing the onset to the very end.
+        windows["grok"] = rise_onset(running_median(test_acc, 9), floor=mirror, min_jump=0.1)
+    correlations = {"all": correlate(record, METRICS, 0, len(test_acc) - 1)}
+    for window, onset in windows.items():
+        end = None if onset is None else rise_end(test_acc, onset, plateau)
+        prefix = "rise" if window == "rise" else f"{window}_rise"
+        record[f"{prefix}_onset_step"] = None if onset is None else record["steps"][onset]
+        record[f"{prefix}_end_step"] = None if end is None else record["steps"][end]
+        record[f"{prefix}_checkpoints"] = 0 if onset is None else end - onset + 1
+        correlations[window] = correlate(record, METRICS, onset, end)
+        correlations[f"{window}_changes"] = correlate(record, METRICS, onset, end, diff=True)
         # A level that just drifts with time correlates with any monotone accuracy curve.
-        "rise_vs_step": correlate(record, METRICS, onset, end, "steps"),
+        correlations[f"{window}_vs_step"] = correlate(record, METRICS, onset, end, "steps")
         # Does the raw distance follow router sharpness? (the issue's suspicion)
-        "rise_vs_router_top1": correlate(record, ("distance_char", "rel_distance_char"), onset, end, "router_top1"),
-    }
+        correlations[f"{window}_vs_router_top1"] = correlate(
+            record, ("distance_char", "rel_distance_char"), onset, end, "router_top1"
+        )
+    record["correlations"] = correlations
     return record
 
 
@@ -394,17 +430,20 @@ def format_table(records: list[dict], window: str = "rise", names=METRICS) -> st
 
 def rise_summary(records: list[dict], top_k: int, experts: int) -> str:
     """Router sharpness and the rise window per seed, plus mean ± SE of the main levels."""
-    lines = ["| seed | rise (steps) | checkpoints | router top-1 at onset → end | final top-1 | kept experts (end) "
-             "| D_path char (end) | baseline (end) | D / baseline (end) | final train/test acc |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| seed | rise (steps) | checkpoints | mirror share | grok phase (checkpoints) | router top-1 at onset → "
+             "end | final top-1 | kept experts (end) | D_path char (end) | baseline (end) | D / baseline (end) "
+             "| final train/test acc |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in records:
         if r["rise_onset_step"] is None:
-            lines.append(f"| {r['seed']} | no rise | 0 | | {r['router_top1'][-1]:.3f} | | | | | "
+            lines.append(f"| {r['seed']} | no rise | 0 | | | | {r['router_top1'][-1]:.3f} | | | | | "
                          f"{r['train_acc'][-1]:.3f}/{r['test_acc'][-1]:.3f} |")  # fmt: skip
             continue
         i, j = r["steps"].index(r["rise_onset_step"]), r["steps"].index(r["rise_end_step"])
+        grok = "none" if r.get("grok_rise_onset_step") is None else (
+            f"{r['grok_rise_onset_step']}–{r['grok_rise_end_step']} ({r['grok_rise_checkpoints']})")
         lines.append(
             f"| {r['seed']} | {r['rise_onset_step']}–{r['rise_end_step']} | {r['rise_checkpoints']} | "
+            f"{r.get('mirror_share', float('nan')):.3f} | {grok} | "
             f"{r['router_top1'][i]:.3f} → {r['router_top1'][j]:.3f} | {r['router_top1'][-1]:.3f} | "
             f"{r['kept_experts'][j]:.2f} | {r['distance_char'][j]:.2f} | {r['baseline_char'][j]:.2f} | "
             f"{r['rel_distance_char'][j]:.3f} | {r['train_acc'][-1]:.3f}/{r['test_acc'][-1]:.3f} |"
@@ -435,17 +474,24 @@ def describe(r: dict) -> str:
 def write_report(args: argparse.Namespace, records: list[dict], seconds: float) -> str:
     figure = args.out / "grokking.png"
     plot(records, figure, args.top_k, args.experts)
-    report = "\n\n".join([
-        rise_summary(records, args.top_k, args.experts),
-        "Correlation with test accuracy over the rise (Pearson / Spearman per seed):\n\n" + format_table(records),
-        "Correlation of checkpoint-to-checkpoint changes with test accuracy's changes over the rise "
-        "(shared time trends removed):\n\n" + format_table(records, "rise_changes", METRICS[:-1]),
-        "Correlation with the step number over the rise (how much of a level is a time trend):\n\n"
-        + format_table(records, "rise_vs_step", METRICS[:-1]),
-        "Correlation with router top-1 probability over the rise:\n\n"
-        + format_table(records, "rise_vs_router_top1", ("distance_char", "rel_distance_char")),
-        "Correlation with test accuracy over all checkpoints:\n\n" + format_table(records, "all"),
-    ])  # fmt: skip
+    sections = [rise_summary(records, args.top_k, args.experts)]
+    windows = (
+        ("rise", "the rise (onset of the sustained rise → 95% of max)"),
+        ("grok", "the grokking phase (test accuracy beyond the mirror share → 95% of max)"),
+    )
+    for window, label in windows:
+        sections += [
+            f"Correlation with test accuracy over {label} (Pearson / Spearman per seed):\n\n"
+            + format_table(records, window),
+            f"Correlation of checkpoint-to-checkpoint changes with test accuracy's changes over {label} "
+            "(shared time trends removed):\n\n" + format_table(records, f"{window}_changes", METRICS[:-1]),
+            f"Correlation with the step number over {label} (how much of a level is a time trend):\n\n"
+            + format_table(records, f"{window}_vs_step", METRICS[:-1]),
+            f"Correlation with router top-1 probability over {label}:\n\n"
+            + format_table(records, f"{window}_vs_router_top1", ("distance_char", "rel_distance_char")),
+        ]
+    sections.append("Correlation with test accuracy over all checkpoints:\n\n" + format_table(records, "all"))
+    report = "\n\n".join(sections)
     (args.out / "correlations.md").write_text(report + "\n")
     return report + f"\n\nfigure: {figure}\ntotal {seconds:.0f} s"
 
@@ -459,7 +505,8 @@ def main() -> None:
             raise SystemExit(f"--report {args.report}: no such file; pass a grokking.json or grokking.partial.json "
                              "that a run of this bench wrote.")  # fmt: skip
         saved = json.loads(args.report.read_text())
-        records = [add_correlations(r, args.plateau) for r in (saved["records"] if isinstance(saved, dict) else saved)]
+        records = saved["records"] if isinstance(saved, dict) else saved
+        records = [add_correlations(r, args.plateau, mirror_share(args.p, args.train_frac, r["seed"])) for r in records]
         seconds = saved["seconds"] if isinstance(saved, dict) else sum(r["seconds"] for r in records)
         print(write_report(args, records, seconds))
         return

@@ -49,3 +49,12 @@ def test_correlations_are_rebuilt_from_saved_series(bench):
     pearson, spearman = record["correlations"]["rise"]["rel_distance_char"]
     assert pearson < -0.99 and spearman == pytest.approx(-1.0)
     assert record["correlations"]["rise_changes"]["distance_char"][0] < -0.99
+
+
+def test_mirror_share_and_spike_proof_grok_onset(bench):
+    share = bench.mirror_share(23, 0.5, seed=0)
+    assert 0.4 < share < 0.6  # about half the test pairs have their mirror (b, a) in training
+    assert bench.mirror_share(23, 0.999, seed=0) == 1.0  # the one test pair's mirror trains
+    acc = np.array([0.0, 0.5, 0.5, 0.5, 0.6, 0.7, 0.5, 0.8, 0.9, 1.0, 1.0, 1.0])  # a spike at index 6
+    assert bench.rise_onset(acc, floor=0.5, min_jump=0.1) == 7
+    assert bench.rise_onset(bench.running_median(acc, 3), floor=0.5, min_jump=0.1) == 4
