@@ -16,10 +16,14 @@ each sample's expert ids are permuted at random per layer (the multiset of its w
 its pathway lengths, stay the same; only the identity shared across samples is broken).
 Each metric, and the distance relative to that baseline, is correlated with test accuracy
 (Pearson / Spearman) over the rise only: from the onset of test accuracy's sustained rise to
-the first checkpoint where it reaches `--plateau` × its maximum.
+the first checkpoint where it reaches `--plateau` × its maximum; and over the grokking phase,
+which starts only where test accuracy leaves the mirror share (test pairs whose mirror
+b + a is a training pair, ≈ 50%, which memorisation answers). Changes-vs-changes and
+vs-step correlations show how much of a level correlation is a shared trend over time.
 
-    python bench/grokking.py --seeds 5          # full run (~25 min of one core)
-    python bench/grokking.py --quick            # smoke run, under a minute
+    python bench/grokking.py --seeds 5 --progress   # full run (~30 min of one core)
+    python bench/grokking.py --quick                # smoke run, under a minute
+    python bench/grokking.py --report bench/results/grokking/grokking.json   # tables again
 """
 
 from __future__ import annotations
