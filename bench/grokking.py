@@ -391,9 +391,9 @@ def plot(records: list[dict], path: Path, top_k: int, experts: int) -> None:
         axes[4].plot(steps, record["consistency"], color=color)
         axes[5].plot(steps, record["layer_cosine"], color=color)
         for ax in axes:
-            for key in ("rise_onset_step", "rise_end_step"):
-                if record[key] is not None:
-                    ax.axvline(record[key], color=color, alpha=0.3, lw=0.8)
+            for key, style in (("rise_onset_step", "-"), ("rise_end_step", "-"), ("grok_rise_onset_step", "--")):
+                if record.get(key) is not None:
+                    ax.axvline(record[key], color=color, alpha=0.4, lw=0.8, ls=style)
     axes[1].axhline(1 / experts, color="k", lw=0.6, ls=":")
     titles = (
         "accuracy (dashed: train)", f"router mean top-1 prob (dotted: 1/{experts})",
@@ -404,7 +404,7 @@ def plot(records: list[dict], path: Path, top_k: int, experts: int) -> None:
         ax.set_title(title)
         ax.set_xlabel("step")
     axes[0].legend(fontsize=7)
-    fig.suptitle("thin vertical lines: each seed's rise onset and plateau (the correlation window)")
+    fig.suptitle("thin vertical lines: each seed's rise onset and its 95% end; dashed: grok-phase onset")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
