@@ -344,14 +344,17 @@ def add_correlations(record: dict, plateau: float, mirror: float | None = None) 
 
     With `mirror` (see `mirror_share`) a second window, "grok", starts where test accuracy
     stays above mirror + 10% of the way to its maximum: generalisation beyond a + b = b + a.
+    Both end where the raw test accuracy first reaches `plateau` × its maximum.
     """
     test_acc = np.asarray(record["test_acc"])
-    windows = {"rise": rise_onset(test_acc)}
+    # Slingshot spikes drop test accuracy for a checkpoint or two, at times nearly to 0; onsets
+    # are found on a running median over 9 checkpoints so that one late dip cannot postpone
+    # "stays above" to the very end. The correlations use the raw series.
+    smooth = running_median(test_acc, 9)
+    windows = {"rise": rise_onset(smooth)}
     if mirror is not None:
         record["mirror_share"] = mirror
-        # Slingshot spikes drop test accuracy to the mirror level for a few checkpoints; a running
-        # median over 9 checkpoints keeps them from postponing the onset to the very end.
-        windows["grok"] = rise_onset(running_median(test_acc, 9), floor=mirror, min_jump=0.1)
+        windows["grok"] = rise_onset(smooth, floor=mirror, min_jump=0.1)
     correlations = {"all": correlate(record, METRICS, 0, len(test_acc) - 1)}
     for window, onset in windows.items():
         end = None if onset is None else rise_end(test_acc, onset, plateau)
