@@ -29,7 +29,13 @@ from bridgerl.monitor.pathways import (
     pathway_tokens,
     routing_embeddings,
 )
-from bridgerl.monitor.routing import RoutingCapture, collect_routing, find_router_gates, token_averaged_weights
+from bridgerl.monitor.routing import (
+    RoutingCapture,
+    collect_routing,
+    find_router_gates,
+    router_aux_losses,
+    token_averaged_weights,
+)
 
 BACKENDS = ["bitparallel", "rapidfuzz"]
 FAST = settings(max_examples=40, deadline=None)
@@ -268,6 +274,35 @@ def test_hooks_match_output_router_logits(kind, n_moe_layers):
     with torch.no_grad():
         model(input_ids=torch.randint(0, 50, (1, 3)))  # hooks are gone: the capture must not change
     assert cap.router_logits()[0].shape[:2] == (2, 7)
+
+
+def test_aux_losses_match_transformers_and_train_the_routers():
+    from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+
+    model = tiny_moe("olmoe").train()
+    ids = torch.randint(0, 50, (3, 5))
+    with RoutingCapture(model) as detached:
+        model(input_ids=ids)
+    assert not any(x.requires_grad for x in detached.router_logits())
+    with RoutingCapture(model, keep_graph=True) as cap:
+        out = model(input_ids=ids, output_router_logits=True)
+    logits = cap.router_logits()
+    losses = router_aux_losses(logits, top_k=2)
+    reference = load_balancing_loss_func(out.router_logits, 6, 2)
+    torch.testing.assert_close(losses["load_balance"], reference)
+    flat = torch.cat([x.reshape(-1, 6) for x in logits])
+    torch.testing.assert_close(losses["z_loss"], (torch.logsumexp(flat, -1) ** 2).mean())
+    (losses["load_balance"] + losses["z_loss"]).backward()
+    for gate in find_router_gates(model):
+        assert gate.module.weight.grad is not None and gate.module.weight.grad.abs().sum() > 0
+    # Perfectly balanced uniform routing gives exactly top_k; padding is left out.
+    uniform = [torch.zeros(2, 4, 6)]
+    assert router_aux_losses(uniform, 2)["load_balance"].item() == pytest.approx(2.0)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    padded = [torch.cat([logits[0][:1, :2], torch.full((1, 2, 6), 50.0)], 1).detach()]
+    padded[0] = torch.cat([padded[0], logits[0][1:2, :4].detach()])
+    unpadded = [torch.cat([logits[0][0, :2], logits[0][1, :4]]).detach()]
+    torch.testing.assert_close(router_aux_losses(padded, 2, mask)["z_loss"], router_aux_losses(unpadded, 2)["z_loss"])
 
 
 def test_padding_is_excluded_left_and_right():

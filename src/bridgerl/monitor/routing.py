@@ -119,12 +119,15 @@ class RoutingCapture:
     >>> probs = cap.router_probs()   # list over MoE layers of [B, T, K] float32
 
     Holds the routing of the most recent forward call of `model` only; hooks are removed on
-    exit. Dense models raise `ValueError`.
+    exit. Dense models raise `ValueError`. With `keep_graph=True` the logits stay attached
+    to the autograd graph, so auxiliary router losses (`router_aux_losses`) can be trained
+    from them; the default detaches, which is what a monitor wants.
     """
 
-    def __init__(self, model: nn.Module, gates: list[RouterGate] | None = None):
+    def __init__(self, model: nn.Module, gates: list[RouterGate] | None = None, keep_graph: bool = False):
         self.model = model
         self.gates = gates if gates is not None else require_router_gates(model)
+        self.keep_graph = keep_graph
         self._logits: list[torch.Tensor | None] = [None] * len(self.gates)
         self._batch_shape: torch.Size | None = None
         self.attention_mask: torch.Tensor | None = None
@@ -151,7 +154,8 @@ class RoutingCapture:
 
     def _gate_hook(self, index: int, gate: RouterGate):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-            self._logits[index] = _router_logits(output, gate.num_experts, gate.name).detach()
+            logits = _router_logits(output, gate.num_experts, gate.name)
+            self._logits[index] = logits if self.keep_graph else logits.detach()
 
         return hook
 
@@ -177,6 +181,43 @@ class RoutingCapture:
     def router_probs(self) -> list[torch.Tensor]:
         """Full softmax router probabilities per MoE layer, [B, T, K] float32 (§5.2 proposal)."""
         return [torch.softmax(x.float(), dim=-1) for x in self.router_logits()]
+
+
+def router_aux_losses(
+    router_logits: list[torch.Tensor], top_k: int, attention_mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Switch/OLMoE auxiliary router losses from per-layer logits [B, T, K] (or [tokens, K]).
+
+    - `load_balance`: K · Σ_e f_e · P_e, with f_e the share of top-k slots routed to expert e
+      and P_e its mean router probability, pooled over all layers' tokens (as transformers'
+      `load_balancing_loss_func`). Equals top_k when routing is perfectly balanced.
+    - `z_loss`: mean over layers and tokens of logsumexp(logits)²; it keeps logits small
+      without flattening the softmax, unlike weight decay on the router.
+
+    Padding tokens (attention_mask 0) are left out. Differentiable through the probabilities
+    P_e and the logits (f_e comes from a top-k and carries no gradient).
+    """
+    if not router_logits:
+        raise ValueError("router_aux_losses needs the logits of at least one MoE layer.")
+    num_experts = router_logits[0].shape[-1]
+    keep = None if attention_mask is None else attention_mask.reshape(-1).bool()
+    slot_share, prob_sum, z_sum, tokens = 0.0, 0.0, 0.0, 0
+    for logits in router_logits:
+        flat = logits.reshape(-1, num_experts).float()
+        if keep is not None:
+            flat = flat[keep.to(flat.device)]
+        probs = torch.softmax(flat, dim=-1)
+        chosen = torch.topk(probs, top_k, dim=-1).indices
+        slot_share = slot_share + torch.zeros(num_experts, device=flat.device).index_add_(
+            0, chosen.reshape(-1), torch.ones(chosen.numel(), device=flat.device)
+        )
+        prob_sum = prob_sum + probs.sum(dim=0)
+        z_sum = z_sum + torch.logsumexp(flat, dim=-1).square().sum()
+        tokens += flat.shape[0]
+    if tokens == 0:
+        raise ValueError("router_aux_losses saw no unmasked token.")
+    load_balance = num_experts * (slot_share / tokens * (prob_sum / tokens)).sum()
+    return {"load_balance": load_balance, "z_loss": z_sum / tokens}
 
 
 def token_averaged_weights(probs: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
