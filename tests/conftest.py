@@ -27,3 +27,15 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("tiny") / "llama-nano"
     make_tiny_model(path, "llama", "nano", seed=0, tokenizer=tokenizer)
     return str(path)
+
+
+def load_bench(name: str):
+    """A script under bench/ imported as a module (bench/ is not a package), for testing its pure parts."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,11 +1,10 @@
 """bench/efficacy.py's data: distinct rows across the level mix (the 'ids must be unique' crash) and the
 corrupted-target quality axis with its AUC check."""
-import importlib.util
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_bench
 
 from bridgerl.data.efficacy import save_scores
 from bridgerl.data.delt import row_key
@@ -14,11 +13,7 @@ from bridgerl.rewards.math import math_reward
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "efficacy.py"
-    spec = importlib.util.spec_from_file_location("bench_efficacy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("efficacy")
 
 
 def test_the_default_level_mix_has_distinct_rows_and_score_ids(bench, tmp_path):

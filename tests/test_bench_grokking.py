@@ -1,23 +1,18 @@
 """bench/grokking.py's analysis helpers: the shuffled-experts baseline and the rise window."""
-import importlib.util
 import os
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np
 import pytest
+from conftest import load_bench
 
 from bridgerl.monitor.pathways import group_distance, kept_experts, pathway_strings
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "grokking.py"
-    spec = importlib.util.spec_from_file_location("bench_grokking", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("grokking")
 
 
 def test_shuffle_keeps_each_samples_weights_and_breaks_shared_routes(bench):

