@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 
 from .table import Table
@@ -208,7 +209,7 @@ def plot_sync_every(summary: dict, path: str | Path) -> Path | None:
                     capsize=3, linestyle="none", label=r["name"])
     ax.set_xticks(range(len(syncs)), ["∞ (offline)" if s == 0 else str(s) for s in syncs])
     ax.set_xlabel("sync_every s (steps between weight syncs to the generator)")
-    ax.set_ylabel(summary.get("metric", "held-out score"))
+    ax.set_ylabel("\n".join(textwrap.wrap(summary.get("metric", "held-out score"), 40)))  # long labels outgrow the axis
     ax.set_title(f"{summary.get('task', '')}: mean ± SE over training seeds", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
