@@ -105,8 +105,10 @@ def sign_test(diffs: list[float]) -> float:
 
 
 def paired(diffs: list[float]) -> dict:
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-    return {"mean": statistics.mean(diffs), "se": se, "positive": sum(d > 0 for d in diffs),
+    from bridgerl.report.summary import across_seeds
+
+    mean, se = across_seeds(diffs)
+    return {"mean": mean, "se": se, "positive": sum(d > 0 for d in diffs),
             "pairs": len(diffs), "sign_p": sign_test(diffs), "diffs": diffs}
 
 
@@ -163,8 +165,10 @@ def report(args, runs: dict, seconds: float) -> None:
     pairs = ["| normalize_std | measure | VI − GRPO (mean ± SE) | pairs VI > GRPO | sign test p |",
              "|---|---|---|---|---|"]
 
+    from bridgerl.report.summary import across_seeds
+
     def mse(xs):
-        return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0:.4f}"
+        return "{:.4f} ± {:.4f}".format(*across_seeds(xs))
 
     for setting, arms in runs.items():
         for arm, rs in arms.items():

@@ -82,6 +82,7 @@ class StageRunner:
                 try:
                     result, wall = fut.result()
                 except Exception as e:
+                    pool.shutdown(wait=False, cancel_futures=True)  # queued stages would only be redone
                     raise RuntimeError(f"stage '{stage.name}' failed in its worker process: {e}; its output is in "
                                        f"{stage.folder / 'stage.log'}") from e
                 results[i] = self._finish(stage, key, result, wall)

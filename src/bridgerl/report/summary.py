@@ -88,11 +88,9 @@ def _short(r: dict) -> str:
 def _paired(a: dict, b: dict) -> list[float]:
     """a − b for every training seed both regimes ran (the same seed draws the same prompts, so the
     paired difference leaves out the seed-to-seed spread they share); [] with fewer than two."""
-    common = [k for k in a["seeds"] if k in b["seeds"]]
-    if len(common) < 2:
-        return []
-    pos_a, pos_b = {k: i for i, k in enumerate(a["seeds"])}, {k: i for i, k in enumerate(b["seeds"])}
-    return [a["final"][pos_a[k]] - b["final"][pos_b[k]] for k in common]
+    of_b = dict(zip(b["seeds"], b["final"]))
+    diffs = [v - of_b[k] for k, v in zip(a["seeds"], a["final"]) if k in of_b]
+    return diffs if len(diffs) >= 2 else []
 
 
 def headline(summary: dict) -> str:
