@@ -12,7 +12,7 @@ Setup (algorithms.md §4; the paper's anchor is 36.37 -> 38.08, shuffle -> LQS +
   1-5; random_text = the sanity case). Held-out rows stay correct.
 - Every run: a fresh tiny Llama (the seed sets its init and sft's shuffle), then
   `bridgerl.supervised.sft.sft` for |D| / batch steps (one pass over D, the paper's single epoch),
-  cosine LR decaying over the run. The only thing that changes between conditions is the `order` of
+  cosine LR decaying to 10 % of the peak (`--min-lr-ratio`, the paper's floor). The only thing that changes between conditions is the `order` of
   row indices handed to `sft`; the shuffle baseline is sft's own seeded shuffle. Top-ratio runs keep
   the same step budget, so they pass over the kept rows more than once.
 - Scores are computed once, by a separate scorer model (init seed 1000, warmed up by 300 SFT steps on
@@ -163,11 +163,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def sft_config(model: Path, train: Path, out: Path, args, steps: int, seed: int, rows: int) -> SFTConfig:
+def sft_config(model: Path, train: Path, out: Path, args, steps: int, seed: int, rows: int,
+               min_lr_ratio: float = 0.0) -> SFTConfig:
     return SFTConfig.model_validate({
         "model": {"path": str(model)},
         "data": {"train": str(train), "num_train": rows},
-        "optim": {"lr": args.lr, "schedule": "cosine", "warmup_steps": max(1, steps // 15)},
+        "optim": {"lr": args.lr, "schedule": "cosine", "warmup_steps": max(1, steps // 15),
+                  "min_lr_ratio": min_lr_ratio},
         "steps": steps, "batch_size": args.batch_size, "seed": seed, "out_dir": str(out), "device": "cpu",
         "log_every": max(1, steps),
     })
@@ -324,7 +326,8 @@ def run(args) -> dict:
                      else apply_efficacy(scores[scorer], select, order_rule, ratio=ratio, folds=3, seed=seed))
             run_dir = out / f"run_{seed}"
             clock = time.perf_counter()
-            sft(sft_config(init, train_path, run_dir, args, round(steps * budget), seed, len(train_rows)),
+            sft(sft_config(init, train_path, run_dir, args, round(steps * budget), seed, len(train_rows),
+                           args.min_lr_ratio),
                 order=order, progress=False)
             train_s = time.perf_counter() - clock
             acc, nll = evaluate(run_dir, eval_rows, args.max_new_tokens)
@@ -425,6 +428,9 @@ def main() -> None:
     p.add_argument("--size", default="nano", choices=["nano", "micro", "mini"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="the training runs' cosine decays to lr × this (the paper: 10 %% of the peak); the scorer's "
+                        "warm-up decays to 0")
     p.add_argument("--lqs-steps", type=int, default=None, help="LQS proxy-run steps T; default 100 (the paper's), quick 20")
     p.add_argument("--lqs-lr", type=float, default=0.05,
                    help="proxy-run SGD step size (paper: 0.008 at 160M; on nano that run barely moves)")

@@ -254,6 +254,8 @@ class OptimConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="linear / cosine decay ends at lr × this "
+                                "(DELT's pretraining recipe: cosine to 0.1)")
     grad_clip: float = Field(1.0, ge=0, description="0 = off")
 
 

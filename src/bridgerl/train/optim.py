@@ -24,17 +24,21 @@ def pick_device(name: str) -> torch.device:
 
 
 def lr_lambda_for(o, total: int):
-    """Warm-up, then constant, linear or cosine decay over `total` steps."""
+    """Warm-up, then constant, linear or cosine decay over `total` steps, from lr down to
+    lr × `min_lr_ratio` (0 unless set)."""
+    floor = o.min_lr_ratio
 
     def factor(step: int) -> float:
         if o.warmup_steps and step < o.warmup_steps:
             return (step + 1) / o.warmup_steps
-        progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
         if o.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if o.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
+            decay = 1.0 - progress
+        elif o.schedule == "cosine":
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            return 1.0
+        return floor + (1.0 - floor) * decay
 
     return factor
 
