@@ -14,7 +14,7 @@ from bridgerl.demo.stages import MARKER, StageRunner
 TOY = replace(
     FULL, size="nano", sft_rows=48, sft_steps=6, sft_batch=8, preference_share=0.25, steps=2, prompts_per_step=2,
     n=2, max_new_tokens=6, semi_online=(2, 3), eval_every=1, num_eval=4, num_train=8, rm_steps=3, rm_batch=4,
-    pref_steps=2, mixed_eval_per_task=3, rl_seeds=2, final_samples=2)
+    pref_steps=2, multitask_steps=3, mixed_eval_per_task=3, rl_seeds=2, final_samples=2)
 STAGES = 3 + 5 * TOY.rl_seeds + 1 + 3 + 2  # tiny, seed, seed eval; regimes × seeds; RM; RM leg; multitask, cross
 
 
@@ -36,7 +36,8 @@ def test_every_stage_runs_and_the_report_is_written(demo_dir):
     out, logs = demo_dir
     for folder in run_folders(out):
         lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-        expected = TOY.pref_steps if folder.name.startswith("pref_") else TOY.steps
+        expected = (TOY.pref_steps if folder.name.startswith("pref_") else
+                    TOY.multitask_steps if folder.name.startswith("multitask") else TOY.steps)
         assert [m["step"] for m in lines if "reward/mean" in m] == list(range(1, expected + 1))
         assert lines[-1].get("final") and "eval/score" in lines[-1]
         assert (folder / "final" / "config.json").exists()
@@ -154,10 +155,18 @@ def test_run_many_runs_stages_in_worker_processes_in_order_and_caches_them(tmp_p
     from bridgerl.demo.stages import Stage
 
     stages = [Stage(f"s{k}", tmp_path / f"s{k}", {"k": k}, partial(_pid_stage, value=k)) for k in range(3)]
-    res = StageRunner(tmp_path, total=3, log=lambda m: None).run_many(stages, jobs=2)
+    with StageRunner(tmp_path, total=5, log=lambda m: None) as runner:
+        res = runner.run_many(stages, jobs=2)
+        later = runner.run_many([Stage(f"t{k}", tmp_path / f"t{k}", {"k": k}, partial(_pid_stage, value=k))
+                                 for k in range(2)], jobs=2)
+        workers = runner._pool._processes.copy()
     assert [r.result["value"] for r in res] == [0, 2, 4]  # the order of `stages`, whatever finished first
     assert all(r.result["pid"] != os.getpid() and r.result["threads"] == 1 for r in res)
     assert "hello from the worker" in (tmp_path / "s1" / "stage.log").read_text()
+    # the second call ran in the same worker processes (no second torch import), and leaving the
+    # `with` block stopped them
+    assert len(workers) == 2 and {r.result["pid"] for r in res + later} <= set(workers)
+    assert runner._pool is None and all(not p.is_alive() for p in workers.values())
     again = StageRunner(tmp_path, total=3, log=lambda m: None).run_many(stages, jobs=2)
     assert all(r.cached for r in again) and [r.result for r in again] == [r.result for r in res]
     bad = [Stage("bad", tmp_path / "bad", {}, partial(_pid_stage, value=-1)),
@@ -207,6 +216,15 @@ def test_seed_data_mixes_tasks_with_a_minority_following_the_hidden_rule(tmp_pat
 
 def test_quick_is_smaller_than_full():
     assert QUICK.steps < FULL.steps and QUICK.sft_steps <= FULL.sft_steps and QUICK.pref_steps < FULL.pref_steps
+    assert QUICK.multitask_steps < FULL.multitask_steps
+
+
+def test_one_regime_per_semi_online_value_between_offline_and_online():
+    slugs = lambda st: [r.slug for r in verifiable_regimes(st)]  # noqa: E731
+    assert slugs(FULL) == ["offline_dpo", "semi_online_dpo_s20", "semi_online_dpo_s5", "online_dpo", "grpo"]
+    assert slugs(QUICK) == ["offline_dpo", "semi_online_dpo_s5", "online_dpo", "grpo"]
+    assert [r.overrides["rollout"]["sync_every"] for r in verifiable_regimes(replace(QUICK, semi_online=(3, 7)))] \
+        == [0, 7, 3, 1, 1]
 
 
 def test_smollm2_config_validates_and_routes_the_reasoning_gym_task(tmp_path):

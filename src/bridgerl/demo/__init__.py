@@ -66,101 +66,114 @@ def _run_demo(out: Path, quick: bool, seed: int, settings: DemoSettings | None, 
     rl_seeds = [seed + k for k in range(st.rl_seeds)]
     runner = StageRunner(out, total=3 + len(regimes) * len(rl_seeds) + 1 + len(prefs) + 2,
                          **({"log": log} if log else {}))
-    say = runner.say
-    start = time.perf_counter()
-    import torch
+    with runner:  # its worker processes stop at the end, or on an error
+        say = runner.say
+        start = time.perf_counter()
+        import torch
 
-    say(f"{'quick' if quick else 'full'} demo in {out}; seed {seed}; each regime: {st.rl_budget()} on "
-        f"{st.rl_task}, training seeds {rl_seeds}; {torch.get_num_threads()} torch thread(s), "
-        f"{jobs} training run(s) at once")
+        say(f"{'quick' if quick else 'full'} demo in {out}; seed {seed}; each regime: {st.rl_budget()} on "
+            f"{st.rl_task}, training seeds {rl_seeds}; {torch.get_num_threads()} torch thread(s), "
+            f"{jobs} training run(s) at once")
 
-    tiny, seeded = tiny_and_seed_stages(runner, out, st, seed)
-    acc = seeded.result["accuracy"]
-    say(f"  seed held-out accuracy on {st.rl_task}: {acc['mean']:.3f} ± {acc['se']:.3f} (greedy, "
-        f"{st.num_eval} prompts); hidden-rule rate on preference prompts {seeded.result['hidden_rule']['mean']:.2f}")
-    seed_model = Path(seeded.result["model"])
-    seed_sampled = runner.run("seed: sampled held-out evaluation", out / "seed_eval",
-                              _pick(st, P.FINAL_EVAL_KEYS) | {"seed": seed},
-                              lambda f: P.sampled_score(seed_model, st, seed, f), deps=[seeded])
-    say(f"  seed {P.sampled_label(st)}: {seed_sampled.result['mean']:.3f} ± {seed_sampled.result['se']:.3f}")
+        # the seed (SFT) and the reward model only need the tiny model: they train side by side
+        tiny, seeded, rm = tiny_seed_and_rm_stages(runner, out, st, seed, jobs)
+        acc = seeded.result["accuracy"]
+        say(f"  seed held-out accuracy on {st.rl_task}: {acc['mean']:.3f} ± {acc['se']:.3f} (greedy, "
+            f"{st.num_eval} prompts); hidden-rule rate on preference prompts {seeded.result['hidden_rule']['mean']:.2f}")
+        say(f"  reward model held-out pair accuracy: {rm.result['heldout_accuracy']:.3f} "
+            f"({rm.result['heldout_pairs']} pairs)")
+        seed_model = Path(seeded.result["model"])
 
-    stages, slots = [], []  # every (regime, training seed) run: independent, so `jobs` run at once
-    for r in regimes:
-        for rs in rl_seeds:
-            folder = out / "runs" / r.slug / f"seed{rs}"
-            raw = P.merge_dicts(P.base_config(st, seed_model, folder, rs), r.overrides)
-            stages.append(Stage(f"{r.name}, training seed {rs}", folder,
-                                raw | {"final_eval": _pick(st, P.FINAL_EVAL_KEYS)},
-                                partial(P.stage_train_scored, raw=raw, st=st, seed=seed), (seeded,)))
-            slots.append(r)
-    done = runner.run_many(stages, jobs)
-    comparison = [(r, [res for slot, res in zip(slots, done) if slot is r]) for r in regimes]
-    for res in done:
-        _say_result(say, res, extra=f"{P.sampled_label(st)} {res.result['sampled']['mean']:.3f}")
+        # every training run (and the seed's sampled score) is independent of the others: one pool,
+        # `jobs` at once. The comparison's (regime, training seed) runs first, GRPO's (the longest) at
+        # the head of the queue, then the short runs of the non-verifiable leg fill the gaps at the end.
+        stages, slots = [], []
+        for r in reversed(regimes):
+            for rs in rl_seeds:
+                folder = out / "runs" / r.slug / f"seed{rs}"
+                raw = P.merge_dicts(P.base_config(st, seed_model, folder, rs), r.overrides)
+                stages.append(Stage(f"{r.name}, training seed {rs}", folder,
+                                    raw | {"final_eval": _pick(st, P.FINAL_EVAL_KEYS)},
+                                    partial(P.stage_train_scored, raw=raw, st=st, seed=seed), (seeded,)))
+                slots.append(r)
+        rm_reward = {"kind": "model", "path": rm.result["model"]}
+        for r in prefs:
+            folder = out / "runs" / r.slug
+            raw = P.merge_dicts(P.preference_config(st, seed_model, folder, seed, rm_reward), r.overrides)
+            stages.append(Stage(f"{r.name} against the reward model", folder, raw,
+                                partial(_train_and_rule, raw=raw, st=st, seed=seed), (seeded, rm)))
+        folder = out / "runs" / "multitask_online_dpo"
+        raw = _multitask_config(P, folder, st, seed_model, rm_reward, seed)
+        stages.append(Stage("multi-task online DPO (arithmetic + preference in every batch)", folder,
+                            raw | {"mixed_data": _pick(st, ("rl_task", "num_train", "mixed_eval_per_task"))},
+                            partial(_multitask, raw=raw, st=st, seed=seed), (seeded, rm)))
+        stages.append(Stage("seed: sampled held-out evaluation", out / "seed_eval",
+                            _pick(st, P.FINAL_EVAL_KEYS) | {"seed": seed},
+                            partial(P.sampled_score, seed_model, st, seed), (seeded,)))
+        done = runner.run_many(stages, jobs)
+        done, (*pref_results, mixed, seed_sampled) = done[:len(slots)], done[len(slots):]
+        say(f"  seed {P.sampled_label(st)}: {seed_sampled.result['mean']:.3f} ± {seed_sampled.result['se']:.3f}")
+        comparison = [(r, [res for slot, res in zip(slots, done) if slot is r]) for r in regimes]
+        for res in done:
+            _say_result(say, res, extra=f"{P.sampled_label(st)} {res.result['sampled']['mean']:.3f}")
+        preference = list(zip(prefs, pref_results))
+        for _, res in preference:
+            _say_result(say, res, extra=f"hidden-rule rate {res.result['hidden_rule']['mean']:.2f}")
+        _say_result(say, mixed)
 
-    rm = reward_model_stage(runner, out, st, seed, tiny)
-    say(f"  reward model held-out pair accuracy: {rm.result['heldout_accuracy']:.3f} "
-        f"({rm.result['heldout_pairs']} pairs)")
-    rm_reward = {"kind": "model", "path": rm.result["model"]}
+        models = {"seed": seed_model,
+                  "online DPO, arithmetic only": _final({r: res[0] for r, res in comparison}, "online_dpo"),
+                  "online DPO, preference only": _final(dict(preference), "pref_online_dpo"),
+                  "online DPO, mixed": mixed.folder / "final"}
+        cross = runner.run("cross-task evaluation (the multi-task table)", out / "cross_eval",
+                           {"models": {k: str(v) for k, v in models.items()}, "seed": seed,
+                            "n": st.mixed_eval_per_task},
+                           lambda f: _cross_eval(P, f, st, models, rm_reward, seed),
+                           deps=[seeded, rm, mixed] + [res for _, res in preference] + [res for _, rs in comparison for res in rs])
 
-    stages = []
-    for r in prefs:
-        folder = out / "runs" / r.slug
-        raw = P.merge_dicts(P.preference_config(st, seed_model, folder, seed, rm_reward), r.overrides)
-        stages.append(Stage(f"{r.name} against the reward model", folder, raw,
-                            partial(_train_and_rule, raw=raw, st=st, seed=seed), (seeded, rm)))
-    folder = out / "runs" / "multitask_online_dpo"
-    raw = _multitask_config(P, folder, st, seed_model, rm_reward, seed)
-    stages.append(Stage("multi-task online DPO (arithmetic + preference in every batch)", folder,
-                        raw | {"mixed_data": _pick(st, ("rl_task", "num_train", "mixed_eval_per_task"))},
-                        partial(_multitask, raw=raw, st=st, seed=seed), (seeded, rm)))
-    *pref_results, mixed = runner.run_many(stages, jobs)
-    preference = list(zip(prefs, pref_results))
-    for _, res in preference:
-        _say_result(say, res, extra=f"hidden-rule rate {res.result['hidden_rule']['mean']:.2f}")
-    _say_result(say, mixed)
-
-    models = {"seed": seed_model,
-              "online DPO, arithmetic only": _final({r: res[0] for r, res in comparison}, "online_dpo"),
-              "online DPO, preference only": _final(dict(preference), "pref_online_dpo"),
-              "online DPO, mixed": mixed.folder / "final"}
-    cross = runner.run("cross-task evaluation (the multi-task table)", out / "cross_eval",
-                       {"models": {k: str(v) for k, v in models.items()}, "seed": seed,
-                        "n": st.mixed_eval_per_task},
-                       lambda f: _cross_eval(P, f, st, models, rm_reward, seed),
-                       deps=[seeded, rm, mixed] + [res for _, res in preference] + [res for _, rs in comparison for res in rs])
-
-    summary = P.demo_summary(st, seed_sampled.result, seeded.result["accuracy"], comparison)
-    path, tables = demo_report(out, st, seed, quick, runner, comparison, preference, mixed, cross, summary,
-                               time.perf_counter() - start, jobs)
-    say(f"all stages done in {time.perf_counter() - start:.0f} s (this invocation); report: {path}")
-    for title, table in tables:
-        print(f"\n{title}\n{table.text()}", flush=True)
-    return path
+        summary = P.demo_summary(st, seed_sampled.result, seeded.result["accuracy"], comparison)
+        path, tables = demo_report(out, st, seed, quick, runner, comparison, preference, mixed, cross, summary,
+                                   time.perf_counter() - start, jobs)
+        say(f"all stages done in {time.perf_counter() - start:.0f} s (this invocation); report: {path}")
+        for title, table in tables:
+            print(f"\n{title}\n{table.text()}", flush=True)
+        return path
 
 
 def tiny_and_seed_stages(runner: StageRunner, out: Path, st: DemoSettings, seed: int):
     """The tiny model and its SFT seed, as cached stages under `out` (shared with bench/optune.py)."""
+    tiny = _tiny_stage(runner, out, st, seed)
+    return tiny, runner.run_many([_seed_stage(out, st, seed, tiny)])[0]
+
+
+def tiny_seed_and_rm_stages(runner: StageRunner, out: Path, st: DemoSettings, seed: int, jobs: int):
+    """The tiny model, then its SFT seed and the reward model (both start from it) side by side."""
+    tiny = _tiny_stage(runner, out, st, seed)
+    from . import pipeline as P
+
+    rm = Stage("reward model (Bradley-Terry on builtin:preference)", out / "reward_model",
+               _pick(st, ("rm_steps", "rm_batch", "rm_lr")) | {"seed": seed},
+               partial(P.stage_reward_model, st=st, tiny=tiny.folder, seed=seed), (tiny,))
+    seeded, rm = runner.run_many([_seed_stage(out, st, seed, tiny), rm], jobs)
+    return tiny, seeded, rm
+
+
+def _tiny_stage(runner: StageRunner, out: Path, st: DemoSettings, seed: int) -> StageResult:
     from . import pipeline as P
 
     tiny = runner.run("tiny model", out / "tiny", {"arch": st.arch, "size": st.size, "seed": seed},
                       lambda f: P.stage_tiny(f, st, seed))
     runner.say(f"  {st.arch}/{st.size}: {tiny.result['params'] / 1e6:.2f} M parameters, saved and loaded back")
-    seed_keys = ("sft_task", "sft_rows", "sft_steps", "sft_lr", "sft_batch", "preference_share",
-                 "preference_keyword_share", "rl_task", "num_eval", "max_new_tokens", "mixed_eval_per_task")
-    seeded = runner.run(f"seed: SFT on {st.sft_task} ({st.sft_steps} steps)", out / "seed",
-                        _pick(st, seed_keys) | {"seed": seed}, lambda f: P.stage_seed(f, st, tiny.folder, seed),
-                        deps=[tiny])
-    return tiny, seeded
+    return tiny
 
 
-def reward_model_stage(runner: StageRunner, out: Path, st: DemoSettings, seed: int, tiny: StageResult) -> StageResult:
+def _seed_stage(out: Path, st: DemoSettings, seed: int, tiny: StageResult) -> Stage:
     from . import pipeline as P
 
-    rm_keys = ("rm_steps", "rm_batch", "rm_lr")
-    return runner.run("reward model (Bradley-Terry on builtin:preference)", out / "reward_model",
-                      _pick(st, rm_keys) | {"seed": seed}, lambda f: P.stage_reward_model(f, st, tiny.folder, seed),
-                      deps=[tiny])
+    seed_keys = ("sft_task", "sft_rows", "sft_steps", "sft_lr", "sft_batch", "preference_share",
+                 "preference_keyword_share", "rl_task", "num_eval", "max_new_tokens", "mixed_eval_per_task")
+    return Stage(f"seed: SFT on {st.sft_task} ({st.sft_steps} steps)", out / "seed", _pick(st, seed_keys) | {"seed": seed},
+                 partial(P.stage_seed, st=st, tiny=tiny.folder, seed=seed), (tiny,))
 
 
 def _pick(st: DemoSettings, keys: tuple[str, ...]) -> dict:
@@ -201,7 +214,7 @@ def _multitask_config(P, folder: Path, st: DemoSettings, seed_model: Path, rm_re
         "algo": {"name": "dpo", "beta": st.dpo_beta}, "reference": {"sync": "with_generator"},
         "data": {"train": str(folder / "mixed_train.jsonl"), "eval": str(folder / "mixed_heldout.jsonl")},
         "rewards": {"tasks": {"arithmetic": {"kind": "math"}, "preference": rm_reward}},
-        "eval": {"max_prompts": 2 * st.mixed_eval_per_task}})
+        "eval": {"max_prompts": 2 * st.mixed_eval_per_task}, "train": {"steps": st.multitask_steps}})
 
 
 def _multitask(folder: Path, raw: dict, st: DemoSettings, seed: int) -> dict:

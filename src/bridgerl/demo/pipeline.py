@@ -32,18 +32,17 @@ class Regime:
 
 
 def verifiable_regimes(st: DemoSettings) -> list[Regime]:
-    """Offline, two semi-online, online DPO and GRPO: same seed, steps, prompts, samples. OPTune is
-    not among them: the full demo's time budget holds three training seeds of five regimes, and
-    bench/optune.py measures OPTune against online DPO on the same seed model."""
+    """Offline, semi-online (one per `st.semi_online`), online DPO and GRPO: same seed, steps, prompts,
+    samples. OPTune is not among them: the full demo's time budget holds three training seeds of five
+    regimes, and bench/optune.py measures OPTune against online DPO on the same seed model."""
     dpo = {"name": "dpo", "beta": st.dpo_beta}
     synced = {"sync": "with_generator"}  # the paper syncs the DPO reference with the generator on math
-    a, b = st.semi_online
+    semi = [Regime(f"semi-online DPO (s={s})", f"semi_online_dpo_s{s}",
+                   {"algo": dpo, "rollout": {"sync_every": s}, "reference": synced})
+            for s in sorted(st.semi_online, reverse=True)]
     return [
         Regime("offline DPO", "offline_dpo", {"algo": dpo, "rollout": {"sync_every": 0}}),
-        Regime(f"semi-online DPO (s={b})", f"semi_online_dpo_s{b}",
-               {"algo": dpo, "rollout": {"sync_every": b}, "reference": synced}),
-        Regime(f"semi-online DPO (s={a})", f"semi_online_dpo_s{a}",
-               {"algo": dpo, "rollout": {"sync_every": a}, "reference": synced}),
+        *semi,
         Regime("online DPO (s=1)", "online_dpo", {"algo": dpo, "rollout": {"sync_every": 1}, "reference": synced}),
         Regime("GRPO", "grpo", {"algo": {"name": "grpo", "beta": st.grpo_beta}, "rollout": {"sync_every": 1}}),
     ]

@@ -98,9 +98,10 @@ def demo_report(out: Path, st: DemoSettings, seed: int, quick: bool, runner: Sta
            f"to {wall:.0f} s (cached stages count the time they took when they ran). ")
         + "Numbers are what the runs measured; with so few evaluation prompts, differences within about two "
         "standard errors are noise."
-        + (f"\n\n`--quick` checks the pipeline end to end at a smoke-test budget ({st.rl_budget()}, "
-           f"{len(seeds)} training seeds): too few steps for the regimes to separate beyond their noise. The "
-           "full `bridgerl demo` is the comparison (docs/demo.md)." if quick else ""))
+        + (f"\n\n`--quick` runs the comparison on a fifth of the full demo's steps ({st.rl_budget()} at lr "
+           f"{st.lr:g}, one semi-online regime, {len(seeds)} training seeds). With two seeds, regimes closer than "
+           "about two standard errors are not told apart; docs/demo.md has the same settings over 8 training "
+           "seeds, and the full `bridgerl demo` is the comparison." if quick else ""))
     sections = [verifiable, preference_section, multitask]
     path = write_report(sections, out, title="bridgerl demo", preamble=preamble)
     return path, [(s.title, s.comparison()) for s in sections]

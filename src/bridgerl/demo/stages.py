@@ -45,6 +45,29 @@ class StageRunner:
     done: int = 0
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
     results: dict[str, StageResult] = field(default_factory=dict)
+    _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
+    _pool_jobs: int = field(default=0, repr=False)
+
+    def __enter__(self) -> "StageRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes (run_many keeps them between calls: each costs a torch import)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _workers(self, jobs: int) -> ProcessPoolExecutor:
+        if self._pool is not None and self._pool_jobs != jobs:
+            self.close()
+        if self._pool is None:
+            # spawn: fork after torch has started threads can deadlock
+            self._pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+            self._pool_jobs = jobs
+        return self._pool
 
     def say(self, msg: str) -> None:
         self.log(f"[demo] {msg}")
@@ -57,7 +80,8 @@ class StageRunner:
     def run_many(self, stages: list[Stage], jobs: int = 1) -> list[StageResult]:
         """Run independent stages, `jobs` at a time in worker processes of one torch thread each (each
         worker's output goes to `<folder>/stage.log`); with jobs=1, one after another in this process.
-        Results come back in the order of `stages`. `fn` must be picklable when jobs > 1."""
+        Results come back in the order of `stages`. `fn` must be picklable when jobs > 1. The workers
+        stay up for the next call until `close()` (or the end of a `with StageRunner(...)` block)."""
         results: list[StageResult | None] = []
         todo = []  # (index, stage, key)
         for stage in stages:
@@ -71,22 +95,22 @@ class StageRunner:
                 start = time.perf_counter()
                 results[i] = self._finish(stage, key, stage.fn(stage.folder), time.perf_counter() - start)
             return results
-        ctx = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
-            futures = {}
-            for i, stage, key in todo:
-                self._prepare(stage, note=f" (worker log: {stage.folder / 'stage.log'})")
-                futures[pool.submit(_run_in_worker, stage.fn, stage.folder)] = (i, stage, key)
-            for fut in as_completed(futures):
-                i, stage, key = futures[fut]
-                try:
-                    result, wall = fut.result()
-                except Exception as e:
-                    pool.shutdown(wait=False, cancel_futures=True)  # queued stages would only be redone
-                    raise RuntimeError(f"stage '{stage.name}' failed in its worker process: {e}; its output is in "
-                                       f"{stage.folder / 'stage.log'}") from e
-                results[i] = self._finish(stage, key, result, wall)
-                self.say(f"  done: {stage.name} [{wall:.0f} s]")
+        pool = self._workers(jobs)
+        futures = {}
+        for i, stage, key in todo:
+            self._prepare(stage, note=f" (worker log: {stage.folder / 'stage.log'})")
+            futures[pool.submit(_run_in_worker, stage.fn, stage.folder)] = (i, stage, key)
+        for fut in as_completed(futures):
+            i, stage, key = futures[fut]
+            try:
+                result, wall = fut.result()
+            except Exception as e:
+                for other in futures:  # queued stages would only be redone
+                    other.cancel()
+                raise RuntimeError(f"stage '{stage.name}' failed in its worker process: {e}; its output is in "
+                                   f"{stage.folder / 'stage.log'}") from e
+            results[i] = self._finish(stage, key, result, wall)
+            self.say(f"  done: {stage.name} [{wall:.0f} s]")
         return results
 
     def _lookup(self, stage: Stage) -> tuple[str, StageResult | None]:
