@@ -235,3 +235,8 @@ def test_metrics_report_the_increase():
     assert m["reward/var_before"] == pytest.approx((0.081875 + 0.25) / 2)
     assert m["reward/var_after"] == pytest.approx((0.226875 + 0.25) / 2)
     assert m["reward/var_groups_changed"] == pytest.approx(0.5)
+    assert m["reward/var_groups_with_spread"] == pytest.approx(1.0)
+    flat = torch.tensor([[0.3, 0.3, 0.3, 0.3], [0.1, 0.4, 0.5, 0.9]], dtype=torch.float64)
+    m = variance_increase_metrics(flat, increase_variance_groups(flat, low=0.0, high=1.0))
+    assert m["reward/var_groups_changed"] == pytest.approx(0.5)  # the flat group cannot change ...
+    assert m["reward/var_groups_with_spread"] == pytest.approx(0.5)  # ... and is not counted as able to

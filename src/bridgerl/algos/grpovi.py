@@ -207,7 +207,9 @@ def weighted_variance(rewards: ArrayLike, probs: ArrayLike | None = None) -> Arr
 
 
 def variance_increase_metrics(before: ArrayLike, after: ArrayLike, probs: ArrayLike | None = None) -> dict[str, float]:
-    """Mean p-weighted group variance before/after GRPOVI and the fraction of groups it changed."""
+    """Mean p-weighted group variance before/after GRPOVI, the fraction of groups it changed, and the
+    fraction with any spread (a group of equal rewards has nothing to change, so on binary rewards
+    `changed / with_spread` is the share of the groups VI could act on that it did act on)."""
     b = _as_float64_tensor(before, "before").reshape(-1, before.shape[-1])
     a = _as_float64_tensor(after, "after").reshape(-1, after.shape[-1]).to(b.device)
     p = None if probs is None else _as_float64_tensor(probs, "probs").reshape(b.shape).to(b.device)
@@ -215,6 +217,7 @@ def variance_increase_metrics(before: ArrayLike, after: ArrayLike, probs: ArrayL
         "reward/var_before": weighted_variance(b, p).mean().item(),
         "reward/var_after": weighted_variance(a, p).mean().item(),
         "reward/var_groups_changed": (a != b).any(dim=-1).double().mean().item(),
+        "reward/var_groups_with_spread": (b.amax(dim=-1) > b.amin(dim=-1)).double().mean().item(),
     }
 
 
