@@ -50,6 +50,18 @@ def user_rewards(tmp_path):
 
         def dies(completions, **_):
             os._exit(3)
+
+        def busy(completions, **_):  # about 0.3 s of CPU per sample
+            import time
+            end = time.process_time() + 0.3
+            while time.process_time() < end:
+                pass
+            return [1.0] * len(completions)
+
+        def sleeps(completions, **_):  # blocked, using no CPU
+            import time
+            time.sleep(60)
+            return [1.0] * len(completions)
     """))
     return str(path)
 
@@ -162,3 +174,65 @@ def test_registry_refuses_a_bad_function_before_anything_runs(tmp_path):
 
 def test_failure_is_plain_data():
     assert Failure("timeout", "x") == Failure("timeout", "x")
+
+
+def test_a_worker_that_only_waits_for_a_core_is_not_timed_out(user_rewards):
+    """The timeout counts the worker's CPU time: stopped (SIGSTOP, as a loaded machine would leave it
+    waiting) for longer than the timeout, it finishes its samples instead of being killed."""
+    import os
+    import signal
+    import threading
+
+    pool = RewardPool(1)
+    try:
+        assert pool.wait_ready(120)
+        fn = PooledReward(f"{user_rewards}:busy", pool, per_sample=True)
+        out = {}
+        call = threading.Thread(target=lambda: out.setdefault("r", fn.run(
+            {"completions": ["a", "b", "c"]}, 3, timeout_s=1.0)))
+        call.start()
+        time.sleep(0.15)
+        pid = pool._workers[0].process.pid
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(2.0)  # twice the timeout of wall time, no CPU
+        os.kill(pid, signal.SIGCONT)
+        call.join(30)
+        assert out["r"] == [1.0, 1.0, 1.0] and pool.kills == 0
+    finally:
+        pool.close()
+
+
+def test_a_reward_that_blocks_without_cpu_is_killed_at_the_wall_cap(user_rewards):
+    from bridgerl.rewards.pool import WALL_CAP
+
+    pool = RewardPool(1)
+    try:
+        assert pool.wait_ready(120)
+        fn = PooledReward(f"{user_rewards}:sleeps", pool, per_sample=True)
+        start = time.monotonic()
+        out = fn.run({"completions": ["a"]}, 1, timeout_s=0.5)
+        elapsed = time.monotonic() - start
+        assert isinstance(out[0], Failure) and out[0].kind == "timeout" and pool.kills == 1
+        assert WALL_CAP * 0.5 <= elapsed < WALL_CAP * 0.5 + 3.0
+    finally:
+        pool.close()
+
+
+def test_cpu_time_limit_counts_cpu_not_waiting():
+    from bridgerl.rewards.timeout import cpu_time_limit
+
+    start = time.process_time()
+    with pytest.raises(TimeoutError):
+        with cpu_time_limit(0.2):
+            while True:
+                pass
+    assert 0.2 <= time.process_time() - start < 1.0
+    with cpu_time_limit(0.1):
+        time.sleep(0.4)  # no CPU used: a wall-clock alarm would have fired here
+    with pytest.raises(TimeoutError):  # code that swallows every Exception is stopped all the same
+        with cpu_time_limit(0.2):
+            while True:
+                try:
+                    sum(range(10**5))
+                except Exception:  # noqa: BLE001
+                    pass

@@ -215,8 +215,10 @@ class TaskRewardConfig(Strict):
 class RewardsConfig(Strict):
     tasks: dict[str, TaskRewardConfig] = Field(default_factory=lambda: {"arithmetic": TaskRewardConfig(kind="math")})
     failure_score: float = 0.0
-    timeout_s: float = Field(10.0, gt=0, description="per call (per sample for math and reasoning_gym); "
-                                                    "a call past it is killed and scores failure_score")
+    timeout_s: float = Field(10.0, gt=0, description="per call (per sample for math and reasoning_gym), in CPU "
+                                                    "time of the worker process (one that blocks is killed at 3× "
+                                                    "it of wall time); a call past it is killed and scores "
+                                                    "failure_score")
     processes: int = Field(2, ge=0, description="worker processes for math, reasoning_gym and python rewards; "
                                                 "0 runs them in the trainer process (a hang cannot be killed)")
     workers: int = Field(0, ge=0, description="Ray reward actors (rewards/workers.py) for reward models and slow "

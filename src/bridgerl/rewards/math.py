@@ -5,11 +5,12 @@
 - prediction: LaTeX extraction with `\\boxed{}` matched first (priority 0);
 - `verify(gold, pred, float_rounding=6)`: 1.0 if equal, else 0.0; any exception gives 0.
 
-Math-Verify's own timeouts use `signal.alarm`, which fails off the main thread. In the trainer
-process they are turned off and each sample runs under `call_with_timeout` (a thread), which
-cannot stop a computation that holds the GIL inside one C call (sympy on `9^{9^{9^{9}}}`). In a
-reward worker process (rewards/pool.py) scoring runs on that process's main thread, so
-Math-Verify's own signal timeouts are used there, and the pool's SIGKILL backs them up.
+Math-Verify's own timeouts use `signal.alarm`, which fails off the main thread and counts wall
+time; they are always off here. In the trainer process each sample runs under
+`call_with_timeout` (a thread), which cannot stop a computation that holds the GIL inside one C
+call (sympy on `9^{9^{9^{9}}}`). In a reward worker process (rewards/pool.py) scoring runs on
+that process's main thread under `cpu_time_limit` (SIGPROF, CPU time, so a busy machine does not
+turn slow samples into zeros), and the pool's SIGKILL backs it up.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import threading
 from functools import lru_cache
 from typing import Any, Sequence
 
-from .timeout import call_with_timeout
+from .timeout import call_with_timeout, cpu_time_limit
 
 __all__ = ["math_reward", "math_verify_score", "completion_text"]
 
@@ -57,25 +58,25 @@ def _signals_usable() -> bool:
 
 
 @lru_cache(maxsize=4096)
-def _parse_gold(answer: str, signal_timeout: int | None = None) -> tuple:
+def _parse_gold(answer: str) -> tuple:
     # Cached: the n rollouts of a prompt share one gold answer.
     from math_verify import parse
 
     gold_cfg, _, _ = _configs()
-    return tuple(parse(f"${answer}$", gold_cfg, parsing_timeout=signal_timeout))
+    return tuple(parse(f"${answer}$", gold_cfg, parsing_timeout=None))
 
 
-def _score_one(completion: str, answer: str, expr_fallback: bool, signal_timeout: int | None = None) -> float:
+def _score_one(completion: str, answer: str, expr_fallback: bool) -> float:
     from math_verify import parse, verify
 
-    gold = list(_parse_gold(answer, signal_timeout))
+    gold = list(_parse_gold(answer))
     if not gold:
         return 0.0
     _, pred_cfg, pred_cfg_expr = _configs()
-    pred = parse(completion, pred_cfg_expr if expr_fallback else pred_cfg, parsing_timeout=signal_timeout)
+    pred = parse(completion, pred_cfg_expr if expr_fallback else pred_cfg, parsing_timeout=None)
     if not pred:
         return 0.0
-    return 1.0 if verify(gold, pred, float_rounding=6, timeout_seconds=signal_timeout) else 0.0
+    return 1.0 if verify(gold, pred, float_rounding=6, timeout_seconds=None) else 0.0
 
 
 def math_verify_score(completion: str, answer: str, timeout_s: float | None = DEFAULT_SAMPLE_TIMEOUT_S,
@@ -88,8 +89,10 @@ def math_verify_score(completion: str, answer: str, timeout_s: float | None = DE
     """
     try:
         if timeout_s is not None and _signals_usable():
-            # Math-Verify's alarm takes whole seconds; it returns 0 itself when it fires.
-            return _score_one(completion, str(answer), expr_fallback, max(1, round(timeout_s)))
+            # In CPU time, not Math-Verify's wall-clock alarm: a sample the worker only waited for a
+            # core for must not score 0 on a loaded machine (that made runs depend on the load).
+            with cpu_time_limit(timeout_s):
+                return _score_one(completion, str(answer), expr_fallback)
         return call_with_timeout(_score_one, (completion, str(answer), expr_fallback), timeout_s)
     except TimeoutError:
         logger.warning("Math-Verify timed out after %s s on a completion; scored 0", timeout_s)

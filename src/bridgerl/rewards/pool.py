@@ -3,8 +3,10 @@
 A thread cannot be stopped: a reward that holds the GIL inside one C call (sympy expanding
 `9^{9^{9^{9}}}`, a user function's `sum(range(10**15))`) blocks its thread, and with it the
 run, forever. So verifiers run in a bounded pool of worker processes that are reused from step
-to step. A call that outlives its timeout gets its worker SIGKILLed; its samples are reported as
-timeouts (the router scores them `rewards.failure_score` and counts them in `reward/timeouts`),
+to step. A sample that uses more than its timeout of CPU time (or blocks for WALL_CAP times it
+without using any) gets its worker SIGKILLed; counting CPU time, a worker that only waited for
+a core on a loaded machine is left to finish, so a run scores the same under load. The killed
+call's samples are reported as timeouts (the router scores them `rewards.failure_score` and counts them in `reward/timeouts`),
 and a fresh worker is started at once in the background, so later calls run as fast as before.
 
 Throughput: the parent sends one message per chunk of samples (a task's samples split over the
@@ -42,6 +44,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from .timeout import process_cpu_seconds
+
 __all__ = ["RewardPool", "Failure", "PooledReward", "shared_pool"]
 
 logger = logging.getLogger(__name__)
@@ -49,9 +53,13 @@ logger = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 120.0  # a worker importing sympy/reasoning-gym on a loaded machine
 MIN_CHUNK = 4  # fewer samples per message than this costs more in messaging than it gains
 FLUSH_S = 0.05  # a slow chunk reports what it has scored at least this often
-# The board: (job id, position in the job, time.monotonic() when that position started).
-# CLOCK_MONOTONIC is one clock for all processes on Linux, so the parent can compare.
-BOARD = struct.Struct("qqd")
+# The board: (job id, position in the job, time.monotonic() and the worker's CPU seconds when that
+# position started). CLOCK_MONOTONIC is one clock for all processes on Linux, so the parent can compare.
+BOARD = struct.Struct("qqdd")
+# A sample's timeout counts the worker's CPU time, so that a worker that only waited for a core (a
+# loaded machine) is not killed and the run does not depend on the load; one that sleeps or blocks
+# uses no CPU, so wall time this many times the timeout kills it anyway.
+WALL_CAP = 3.0
 
 
 @dataclass(frozen=True)
@@ -134,7 +142,7 @@ def _worker_main(conn: Connection, board: mmap.mmap, preload: tuple[str, ...]) -
             conn.send(("done", None, f"{type(exc).__name__}: {exc}"))
             continue
         if not per_sample:
-            BOARD.pack_into(board, 0, job_id, 0, time.monotonic())
+            BOARD.pack_into(board, 0, job_id, 0, time.monotonic(), time.process_time())
             try:
                 conn.send(("done", _plain(fn(**kwargs, **extra)), None))
             except Exception as exc:  # noqa: BLE001
@@ -143,7 +151,7 @@ def _worker_main(conn: Connection, board: mmap.mmap, preload: tuple[str, ...]) -
         scored: list[tuple[int, Any]] = []
         flushed = time.monotonic()
         for i in range(n):
-            BOARD.pack_into(board, 0, job_id, i, time.monotonic())
+            BOARD.pack_into(board, 0, job_id, i, time.monotonic(), time.process_time())
             try:
                 out = _plain(fn(**_take(kwargs, range(i, i + 1), n), **extra))
                 value = out[0] if out is not None and len(out) == 1 else Failure(
@@ -289,11 +297,22 @@ class RewardPool:
         w.chunk = chunk
 
     def _deadline(self, w: _Worker, timeout_s: float) -> tuple[float, int | None]:
-        """When `w`'s current sample runs out of time, and its local position (None: not started)."""
-        job, pos, since = BOARD.unpack_from(w.board, 0)
-        if job != w.chunk.job:
-            return w.chunk.sent + timeout_s, None
-        return since + timeout_s, pos
+        """When `w`'s current sample may next run out of time, and its local position (None: not
+        started). At first that is `timeout_s` of wall time after it started; from then on, what is
+        left of its `timeout_s` of CPU time, but never past WALL_CAP × `timeout_s` of wall time."""
+        job, pos, since, cpu_since = BOARD.unpack_from(w.board, 0)
+        started = since if job == w.chunk.job else w.chunk.sent
+        deadline = started + timeout_s
+        if time.monotonic() < deadline or timeout_s == float("inf"):
+            return deadline, (pos if job == w.chunk.job else None)
+        cpu = process_cpu_seconds(w.process.pid)
+        if cpu is not None:  # where /proc cannot be read, the limit stays wall time
+            # not started yet: all the CPU it used since it was sent counts (cpu_since is stale)
+            used = cpu - cpu_since if job == w.chunk.job else 0.0
+            left = timeout_s - used
+            if left > 0:
+                deadline = min(time.monotonic() + max(left, 0.05), started + WALL_CAP * timeout_s)
+        return deadline, (pos if job == w.chunk.job else None)
 
     def _drive(self, spec, kwargs, n, timeout_s, extra, todo: list[_Chunk], results: list) -> None:
         while todo or any(w.chunk for w in self._workers):

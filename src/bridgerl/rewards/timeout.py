@@ -10,13 +10,16 @@ hanging function can never block later calls forever.
 """
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
-__all__ = ["call_with_timeout", "TimeoutPool", "DEFAULT_POOL"]
+__all__ = ["call_with_timeout", "cpu_time_limit", "process_cpu_seconds", "TimeoutPool", "DEFAULT_POOL"]
 
 
 class _Worker:
@@ -108,3 +111,46 @@ def call_with_timeout(fn: Callable, args: tuple = (), timeout_s: float | None = 
     A call that never returns leaks one daemon worker thread (see module docstring).
     """
     return DEFAULT_POOL.call(fn, args, kwargs, timeout_s)
+
+
+class _CPUTimeExpired(BaseException):
+    """Raised inside the limited block; a BaseException, because the libraries we limit (Math-Verify,
+    sympy) catch `Exception` all over and would swallow a TimeoutError and go on computing."""
+
+
+def _expired(signum, frame):
+    raise _CPUTimeExpired
+
+
+@contextmanager
+def cpu_time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError from the block once this process has spent `seconds` of CPU time in it.
+
+    Main thread only (it uses SIGPROF). A wall-clock alarm fires as well when the process is only
+    waiting for a core, so on a loaded machine a sample that would have passed scores as a timeout
+    and the run depends on the load; CPU time does not. After the first expiry the signal repeats
+    every 0.1 s of CPU, in case the code in the block caught it. A block that sleeps or waits on I/O
+    uses no CPU and is never stopped here: rewards/pool.py's wall-clock cap is the backstop."""
+    previous = signal.signal(signal.SIGPROF, _expired)
+    signal.setitimer(signal.ITIMER_PROF, seconds, 0.1)
+    try:
+        yield
+    except _CPUTimeExpired:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        raise TimeoutError(f"used {seconds:g} s of CPU time") from None
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` so far (Linux /proc), or None where unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15 of stat)
