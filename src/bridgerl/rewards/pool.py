@@ -56,6 +56,27 @@ FLUSH_S = 0.05  # a slow chunk reports what it has scored at least this often
 # The board: (job id, position in the job, time.monotonic() and the worker's CPU seconds when that
 # position started). CLOCK_MONOTONIC is one clock for all processes on Linux, so the parent can compare.
 BOARD = struct.Struct("qqdd")
+_IDS, _TIMES = struct.Struct("qq"), struct.Struct("dd")  # its two halves, written times first
+
+
+def _post(board: mmap.mmap, job_id: int, pos: int) -> None:
+    """Worker side: the sample's start times first, then which sample it is. The parent trusts the
+    times only when the job id is its chunk's, so it can never pair a new job id with the times of
+    a sample that started long ago (read half-written, that pairing looked like a sample past its
+    deadline and got a healthy worker killed: a "timeout" reported within milliseconds)."""
+    _TIMES.pack_into(board, 16, time.monotonic(), time.process_time())
+    _IDS.pack_into(board, 0, job_id, pos)
+
+
+def _read(board: mmap.mmap) -> tuple[int, int, float, float]:
+    """Parent side: the board as one consistent snapshot (read again while the worker writes it)."""
+    snapshot = BOARD.unpack_from(board, 0)
+    for _ in range(100):
+        again = BOARD.unpack_from(board, 0)
+        if again == snapshot:
+            break
+        snapshot = again
+    return snapshot
 # A sample's timeout counts the worker's CPU time, so that a worker that only waited for a core (a
 # loaded machine) is not killed and the run does not depend on the load; one that sleeps or blocks
 # uses no CPU, so wall time this many times the timeout kills it anyway.
@@ -142,7 +163,7 @@ def _worker_main(conn: Connection, board: mmap.mmap, preload: tuple[str, ...]) -
             conn.send(("done", None, f"{type(exc).__name__}: {exc}"))
             continue
         if not per_sample:
-            BOARD.pack_into(board, 0, job_id, 0, time.monotonic(), time.process_time())
+            _post(board, job_id, 0)
             try:
                 conn.send(("done", _plain(fn(**kwargs, **extra)), None))
             except Exception as exc:  # noqa: BLE001
@@ -151,7 +172,7 @@ def _worker_main(conn: Connection, board: mmap.mmap, preload: tuple[str, ...]) -
         scored: list[tuple[int, Any]] = []
         flushed = time.monotonic()
         for i in range(n):
-            BOARD.pack_into(board, 0, job_id, i, time.monotonic(), time.process_time())
+            _post(board, job_id, i)
             try:
                 out = _plain(fn(**_take(kwargs, range(i, i + 1), n), **extra))
                 value = out[0] if out is not None and len(out) == 1 else Failure(
@@ -300,7 +321,7 @@ class RewardPool:
         """When `w`'s current sample may next run out of time, and its local position (None: not
         started). At first that is `timeout_s` of wall time after it started; from then on, what is
         left of its `timeout_s` of CPU time, but never past WALL_CAP × `timeout_s` of wall time."""
-        job, pos, since, cpu_since = BOARD.unpack_from(w.board, 0)
+        job, pos, since, cpu_since = _read(w.board)
         started = since if job == w.chunk.job else w.chunk.sent
         deadline = started + timeout_s
         if time.monotonic() < deadline or timeout_s == float("inf"):
