@@ -236,3 +236,27 @@ def test_cpu_time_limit_counts_cpu_not_waiting():
                     sum(range(10**5))
                 except Exception:  # noqa: BLE001
                     pass
+
+
+def test_a_half_written_board_never_reads_as_a_sample_past_its_deadline():
+    """The worker's board names the job before its start time could be read (a preempted writer):
+    the parent must wait from when it sent the chunk, not from time 0 (that killed healthy workers
+    within milliseconds). Then `_post`'s full record is read as it was written."""
+    import mmap
+    import os
+    from types import SimpleNamespace
+
+    from bridgerl.rewards import pool as P
+
+    board = mmap.mmap(-1, P.BOARD.size)
+    sent = time.monotonic()
+    w = P._Worker(process=SimpleNamespace(pid=os.getpid()), conn=None, board=board,
+                  chunk=P._Chunk([0, 1], True, job=7, sent=sent))
+    board[0:16] = P._IDS.pack(7, 1)  # ids written, times still zero
+    deadline, pos = P.RewardPool._deadline(None, w, 1.0)
+    assert deadline == pytest.approx(sent + 1.0) and pos is None
+    P._post(board, 7, 1)
+    job, pos, since, cpu = P._read(board)
+    assert (job, pos) == (7, 1) and since >= sent and cpu > 0
+    deadline, pos = P.RewardPool._deadline(None, w, 1.0)
+    assert deadline == pytest.approx(since + 1.0) and pos == 1

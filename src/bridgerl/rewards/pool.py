@@ -6,8 +6,9 @@ run, forever. So verifiers run in a bounded pool of worker processes that are re
 to step. A sample that uses more than its timeout of CPU time (or blocks for WALL_CAP times it
 without using any) gets its worker SIGKILLed; counting CPU time, a worker that only waited for
 a core on a loaded machine is left to finish, so a run scores the same under load. The killed
-call's samples are reported as timeouts (the router scores them `rewards.failure_score` and counts them in `reward/timeouts`),
-and a fresh worker is started at once in the background, so later calls run as fast as before.
+call's samples are reported as timeouts (the router scores them `rewards.failure_score` and
+counts them in `reward/timeouts`), and a fresh worker is started at once in the background, so
+later calls run as fast as before.
 
 Throughput: the parent sends one message per chunk of samples (a task's samples split over the
 idle workers), and a worker answers with its chunk's scores in one message (or a few, on a slow
@@ -57,15 +58,20 @@ FLUSH_S = 0.05  # a slow chunk reports what it has scored at least this often
 # position started). CLOCK_MONOTONIC is one clock for all processes on Linux, so the parent can compare.
 BOARD = struct.Struct("qqdd")
 _IDS, _TIMES = struct.Struct("qq"), struct.Struct("dd")  # its two halves, written times first
+# A sample's timeout counts the worker's CPU time, so that a worker that only waited for a core (a
+# loaded machine) is not killed and the run does not depend on the load; one that sleeps or blocks
+# uses no CPU, so wall time this many times the timeout kills it anyway.
+WALL_CAP = 3.0
 
 
 def _post(board: mmap.mmap, job_id: int, pos: int) -> None:
-    """Worker side: the sample's start times first, then which sample it is. The parent trusts the
-    times only when the job id is its chunk's, so it can never pair a new job id with the times of
-    a sample that started long ago (read half-written, that pairing looked like a sample past its
-    deadline and got a healthy worker killed: a "timeout" reported within milliseconds)."""
-    _TIMES.pack_into(board, 16, time.monotonic(), time.process_time())
-    _IDS.pack_into(board, 0, job_id, pos)
+    """Worker side: the sample's start times first, then which sample it is, each as one copy of
+    packed bytes. (`Struct.pack_into` zeroes its target before filling it: a worker preempted in
+    between left a board that read "current job, started at time 0" and the parent killed a
+    healthy worker, a "timeout" after milliseconds. The parent trusts the times only when the job
+    id is its chunk's, so the order also keeps a new id from pairing with an old sample's times.)"""
+    board[16:32] = _TIMES.pack(time.monotonic(), time.process_time())
+    board[0:16] = _IDS.pack(job_id, pos)
 
 
 def _read(board: mmap.mmap) -> tuple[int, int, float, float]:
@@ -77,10 +83,6 @@ def _read(board: mmap.mmap) -> tuple[int, int, float, float]:
             break
         snapshot = again
     return snapshot
-# A sample's timeout counts the worker's CPU time, so that a worker that only waited for a core (a
-# loaded machine) is not killed and the run does not depend on the load; one that sleeps or blocks
-# uses no CPU, so wall time this many times the timeout kills it anyway.
-WALL_CAP = 3.0
 
 
 @dataclass(frozen=True)
@@ -322,18 +324,17 @@ class RewardPool:
         started). At first that is `timeout_s` of wall time after it started; from then on, what is
         left of its `timeout_s` of CPU time, but never past WALL_CAP × `timeout_s` of wall time."""
         job, pos, since, cpu_since = _read(w.board)
-        started = since if job == w.chunk.job else w.chunk.sent
-        deadline = started + timeout_s
+        if job != w.chunk.job or since == 0.0:  # not started this chunk yet (or its times not written)
+            pos, since, cpu_since = None, w.chunk.sent, None
+        deadline = since + timeout_s
         if time.monotonic() < deadline or timeout_s == float("inf"):
-            return deadline, (pos if job == w.chunk.job else None)
+            return deadline, pos
         cpu = process_cpu_seconds(w.process.pid)
         if cpu is not None:  # where /proc cannot be read, the limit stays wall time
-            # not started yet: all the CPU it used since it was sent counts (cpu_since is stale)
-            used = cpu - cpu_since if job == w.chunk.job else 0.0
-            left = timeout_s - used
+            left = timeout_s - (0.0 if cpu_since is None else cpu - cpu_since)
             if left > 0:
-                deadline = min(time.monotonic() + max(left, 0.05), started + WALL_CAP * timeout_s)
-        return deadline, (pos if job == w.chunk.job else None)
+                deadline = min(time.monotonic() + max(left, 0.05), since + WALL_CAP * timeout_s)
+        return deadline, pos
 
     def _drive(self, spec, kwargs, n, timeout_s, extra, todo: list[_Chunk], results: list) -> None:
         while todo or any(w.chunk for w in self._workers):
